@@ -1,0 +1,75 @@
+"""Shared pieces of the configs: the seed's recipe (SPEC section 2) for one model size.
+
+Every config file in this folder is a plain `get_config()` that starts from
+`seed_config(...)` and changes what its variant changes.
+"""
+
+import ml_collections
+
+# Per size: timm backbone name, stochastic depth rate, dropout of the hyper/target nets.
+SWIN_SIZES = {
+    "tiny": ("swin_tiny_patch4_window7_224", 0.2, 0.3),
+    "small": ("swin_small_patch4_window7_224", 0.25, 0.35),
+    "base": ("swin_base_patch4_window7_224", 0.3, 0.4),
+}
+
+
+def model_config(size="base"):
+    """The E6 model (multi-scale + channel attention) with a Swin backbone of `size`."""
+    backbone, drop_path_rate, dropout = SWIN_SIZES[size]
+    m = ml_collections.ConfigDict()
+    m.backbone = backbone          # a timm Swin name, or "resnet50" (original HyperIQA).
+    m.backbone_overrides = ml_collections.ConfigDict()  # e.g. embed_dim / depths for the demo.
+    m.img_size = 224
+    m.drop_path_rate = drop_path_rate
+    m.dropout = dropout            # after hyper_in_feat and between target-net layers.
+    m.multi_scale = True           # False: stage 3 alone (ablation A2).
+    m.attention = "channel"        # "channel" (E6), "scale" (SMART-IQA release) or "none" (A1).
+    m.hyper_in_channels = 112
+    m.target_in_size = 224
+    m.target_fc_sizes = (112, 56, 28, 14)
+    m.feature_size = 7
+    m.dtype = "float32"            # activations; "bfloat16" on accelerators. Params stay float32.
+    return m
+
+
+def seed_config(size="base"):
+    """The seed's full recipe: KonIQ-10k, AdamW, per-epoch cosine, 10 epochs of batch 32."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_config(size)
+    # A converted backbone (python -m weights_conversion.convert_timm ...); "" = random init.
+    config.pretrained_backbone = ""
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "koniq10k"
+    config.data.root = ""          # folder holding the data set's published files.
+    config.data.label = ""         # label column; "" = the data set's default (KonIQ: MOS_zscore).
+    config.data.train_split = "train"
+    config.data.test_split = "test"
+    config.data.resize = (512, 384)  # (height, width), as PyTorch Resize((512, 384)).
+    config.data.crop_size = 224
+    config.data.train_crops = 20   # crops per image per epoch.
+    config.data.test_crops = 20
+    config.data.eval_protocol = "random"  # "random" (seeded), "center" or "grid".
+    config.data.max_bad_fraction = 0.01   # abort when more images than this fail to decode.
+    config.data.num_workers = 2
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32   # global batch, split over all devices.
+    config.train.epochs = 10
+    config.train.lr = 5e-7         # backbone learning rate.
+    config.train.lr_ratio = 10.0   # every other parameter: lr * lr_ratio.
+    config.train.weight_decay = 2e-4
+    config.train.schedule = "cosine_epoch"  # PyTorch CosineAnnealingLR stepped per epoch,
+    config.train.eta_min = 1e-6             # or "warmup_cosine" (per step).
+    config.train.warmup_steps = 0
+    config.train.grad_clip = 1.0
+    config.train.ranking_loss_weight = 0.0  # pairwise hinge loss weight (alpha); 0 = L1 only.
+    config.train.ranking_margin = 0.1
+    config.train.patience = 5      # early stopping on test SRCC, in evaluations.
+    config.train.eval_every_epochs = 1
+    config.train.checkpoint_every_steps = 1000
+    config.train.keep_checkpoints = 2
+    config.train.log_every_steps = 50
+    return config

@@ -1,0 +1,313 @@
+"""Swin Transformer backbone that computes what timm's `features_only` Swin computes.
+
+Layout is NHWC throughout. The module returns the four stage maps (no final
+norm), e.g. 56x56xC0, 28x28xC1, 14x14xC2, 7x7xC3 for a 224 input. Parameter
+names follow timm's (`layers_{i}/blocks_{j}/attn/qkv`, ...) so that conversion
+is a rename plus transposes (see `weights_conversion/swin.py`).
+
+Details that must match timm 1.0 (ENGINEERING.md, "Swin: facts"):
+- patch merging at the start of stages 1-3, 2x2 channel order
+  [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]];
+- LayerNorm eps 1e-5 with the exact variance; GELU with erf;
+- a block whose stage resolution is <= the window uses the whole map as its
+  window and never shifts; odd blocks shift by window // 2 otherwise;
+- the shift happens before padding, the -100 mask is built on the padded grid
+  and padded keys are not masked.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# timm name -> architecture. Window-12 models are the 384-pixel variants.
+SWIN_CONFIGS = {
+    "swin_tiny_patch4_window7_224": dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, img_size=224),
+    "swin_small_patch4_window7_224": dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7, img_size=224),
+    "swin_base_patch4_window7_224": dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7, img_size=224),
+    "swin_base_patch4_window12_384": dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
+        img_size=384),
+    "swin_large_patch4_window7_224": dict(
+        embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=7,
+        img_size=224),
+    "swin_large_patch4_window12_384": dict(
+        embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
+        img_size=384),
+}
+
+# Defaults of timm's create_model when no drop_path_rate is given.
+TIMM_DEFAULT_DROP_PATH_RATE = 0.1
+
+
+def _layer_norm(name, dtype):
+    # timm: eps 1e-5, exact variance (flax defaults differ on both).
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def relative_position_index(window: tuple[int, int]) -> np.ndarray:
+    """[N, N] index into the bias table: (dy + wh - 1) * (2 ww - 1) + (dx + ww - 1)."""
+    wh, ww = window
+    coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]: query minus key.
+    return ((rel[0] + wh - 1) * (2 * ww - 1) + rel[1] + ww - 1).astype(np.int32)
+
+
+def shifted_window_mask(height: int, width: int, window: tuple[int, int],
+                        shift: tuple[int, int]) -> np.ndarray:
+    """[num_windows, N, N] additive mask (0 / -100) for a padded height x width map."""
+    region = np.zeros((height, width), np.float32)
+
+    def bands(size, sh):
+        # Literally timm's slices; with sh == 0 the last band covers everything.
+        return slice(0, -size), slice(-size, -sh), slice(-sh, None)
+
+    label = 0
+    for hs in bands(window[0], shift[0]):
+        for ws in bands(window[1], shift[1]):
+            region[hs, ws] = label
+            label += 1
+    windows = window_partition(region[None, :, :, None], window)[0, :, :, 0]  # [nW, N]
+    diff = windows[:, None, :] - windows[:, :, None]
+    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+def window_partition(x, window: tuple[int, int]):
+    """[B, H, W, C] -> [B, num_windows, wh * ww, C], windows in row-major order."""
+    b, h, w, c = x.shape
+    wh, ww = window
+    x = x.reshape(b, h // wh, wh, w // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
+
+
+def window_reverse(windows, window: tuple[int, int], height: int, width: int):
+    """Inverse of `window_partition`."""
+    b, _, _, c = windows.shape
+    wh, ww = window
+    x = windows.reshape(b, height // wh, width // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height, width, c)
+
+
+def stage_window(size: tuple[int, int], window_size: int, shifted: bool):
+    """timm's per-block window and shift: a side no longer than the window is one window."""
+    window = tuple(min(s, window_size) for s in size)
+    shift = tuple(0 if (s <= window_size or not shifted) else window_size // 2 for s in size)
+    return window, shift
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath with scale_by_keep)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return x * mask.astype(x.dtype) / keep
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self attention inside windows, with a relative position bias."""
+
+    dim: int
+    num_heads: int
+    window: tuple[int, int]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, windows, mask=None):
+        # windows: [B, num_windows, N, C]; mask: [num_windows, N, N] or None.
+        b, nw, n, c = windows.shape
+        head_dim = self.dim // self.num_heads
+        wh, ww = self.window
+        table = self.param(
+            "relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+            ((2 * wh - 1) * (2 * ww - 1), self.num_heads))
+        bias = table[relative_position_index(self.window).reshape(-1)]
+        bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [heads, N, N]
+        if mask is not None:
+            bias = bias[None] + mask[:, None]  # [nW, heads, N, N]
+
+        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(windows)
+        qkv = qkv.reshape(b, nw, n, 3, self.num_heads, head_dim)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        q = q * (head_dim ** -0.5)
+        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, nw, n, c)
+        return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        out_dim = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(x)
+
+
+class SwinBlock(nn.Module):
+    """(Shifted) window attention + MLP, each pre-normed with a residual."""
+
+    dim: int
+    num_heads: int
+    window_size: int
+    shifted: bool
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        _, h, w, _ = x.shape
+        window, shift = stage_window((h, w), self.window_size, self.shifted)
+
+        y = _layer_norm("norm1", self.dtype)(x)
+        if any(shift):
+            y = jnp.roll(y, (-shift[0], -shift[1]), axis=(1, 2))
+        pad_h, pad_w = (-h) % window[0], (-w) % window[1]
+        if pad_h or pad_w:
+            y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        hp, wp = h + pad_h, w + pad_w
+        mask = jnp.asarray(shifted_window_mask(hp, wp, window, shift)) if any(shift) else None
+        y = WindowAttention(self.dim, self.num_heads, window, self.dtype, name="attn")(
+            window_partition(y, window), mask)
+        y = window_reverse(y, window, hp, wp)[:, :h, :w]
+        if any(shift):
+            y = jnp.roll(y, shift, axis=(1, 2))
+        x = x + DropPath(self.drop_path)(y, train)
+
+        y = _layer_norm("norm2", self.dtype)(x)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
+        return x + DropPath(self.drop_path)(y, train)
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> channels (timm order), LayerNorm(4C), bias-free Linear."""
+
+    out_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+            h, w = h + h % 2, w + w % 2
+        # [B, H/2, dy, W/2, dx, C] -> [B, H/2, W/2, dx, dy, C]: dy varies fastest.
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
+        x = x.reshape(b, h // 2, w // 2, 4 * c)
+        x = _layer_norm("norm", self.dtype)(x)
+        return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
+
+
+class PatchEmbed(nn.Module):
+    embed_dim: int
+    patch_size: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch_size
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    name="proj")(x)
+        return _layer_norm("norm", self.dtype)(x)
+
+
+class SwinStage(nn.Module):
+    dim: int
+    depth: int
+    num_heads: int
+    window_size: int
+    downsample: bool
+    drop_path: Sequence[float]
+    mlp_ratio: float = 4.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.downsample:
+            x = PatchMerging(self.dim, self.dtype, name="downsample")(x)
+        for j in range(self.depth):
+            x = SwinBlock(self.dim, self.num_heads, self.window_size, shifted=j % 2 == 1,
+                          mlp_ratio=self.mlp_ratio, drop_path=self.drop_path[j],
+                          dtype=self.dtype, name=f"blocks_{j}")(x, train)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Swin backbone returning the four NHWC stage maps (timm `features_only=True`).
+
+    `img_size` documents the resolution the model was built for; any input whose
+    sides are multiples of 32 runs, and computes what timm built with that
+    `img_size` computes (smaller stage maps shrink the window, as in timm).
+    """
+
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 6, 2)
+    num_heads: Sequence[int] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = TIMM_DEFAULT_DROP_PATH_RATE
+    img_size: int = 224
+    dtype: jnp.dtype = jnp.float32
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2 ** i for i in range(len(self.depths)))
+
+    def drop_path_rates(self) -> list[list[float]]:
+        """Linear in the block index over all blocks, 0 to drop_path_rate (timm)."""
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
+        bounds = np.cumsum((0,) + tuple(self.depths))
+        return [rates[bounds[i]:bounds[i + 1]] for i in range(len(self.depths))]
+
+    @nn.compact
+    def __call__(self, images, train: bool = False) -> tuple[jax.Array, ...]:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
+        x = PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name="patch_embed")(
+            images.astype(self.dtype))
+        features = []
+        for i, (dim, depth, heads, rates) in enumerate(zip(
+                self.stage_channels, self.depths, self.num_heads, self.drop_path_rates())):
+            x = SwinStage(dim, depth, heads, self.window_size, downsample=i > 0,
+                          drop_path=tuple(rates), mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                          name=f"layers_{i}")(x, train)
+            features.append(x)
+        return tuple(features)
+
+
+def swin_from_name(name: str, **overrides) -> SwinTransformer:
+    """A SwinTransformer for a timm model name, e.g. `swin_base_patch4_window7_224`.
+
+    Keyword overrides replace architecture fields (embed_dim, depths, num_heads,
+    window_size, drop_path_rate, img_size, dtype, ...). `dtype` may be a string.
+    """
+    if name not in SWIN_CONFIGS:
+        raise ValueError(f"unknown Swin model {name!r}; known: {', '.join(SWIN_CONFIGS)}")
+    fields = dict(SWIN_CONFIGS[name])
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(SwinTransformer)}
+    if unknown:
+        raise ValueError(f"unknown SwinTransformer field(s) {sorted(unknown)}")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(fields.get("dtype"), str):
+        fields["dtype"] = jnp.dtype(fields["dtype"])
+    for key in ("depths", "num_heads"):
+        fields[key] = tuple(fields[key])
+    return SwinTransformer(**fields)

@@ -1,0 +1,107 @@
+"""The JAX Swin against timm's features_only Swin (float32, seeded random weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hyperiqa_jax.models import swin
+from weights_conversion.validate_parity import swin_parity
+
+TOLERANCE = 1e-4  # absolute, per stage (issue 2 / SPEC section 4).
+
+
+def _param_count(model, size=224):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name,img_size", [
+    ("swin_tiny_patch4_window7_224", 224),
+    ("swin_base_patch4_window7_224", 224),
+    ("swin_tiny_patch4_window7_224", 256),  # stage 3 is 8x8: shifted, padded windows.
+    ("swin_tiny_patch4_window7_224", 192),  # stage 3 is 6x6: window shrinks to the map.
+])
+def test_stage_maps_match_timm(name, img_size):
+    results = swin_parity(name, batch=1 if "base" in name else 2, img_size=img_size)
+    assert set(results) == {"stage0", "stage1", "stage2", "stage3"}
+    for stage, diff in results.items():
+        assert diff["ref_max_abs"] > 1.0, f"{stage}: reference output is degenerate"
+        assert diff["max_abs"] < TOLERANCE, (stage, diff)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("swin_tiny_patch4_window7_224", 27_517_818),
+    ("swin_small_patch4_window7_224", 48_835_722),
+    ("swin_base_patch4_window7_224", 86_741_176),
+])
+def test_parameter_counts_equal_timm_features_only(name, count):
+    assert _param_count(swin.swin_from_name(name)) == count
+
+
+def test_stage_shapes():
+    model = swin.swin_from_name("swin_tiny_patch4_window7_224")
+    out = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros((2, 224, 224, 3)))[0])
+    assert [o.shape for o in out] == [(2, 56, 56, 96), (2, 28, 28, 192), (2, 14, 14, 384),
+                                      (2, 7, 7, 768)]
+
+
+def _small_swin(**kw):
+    return swin.swin_from_name("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 2, 1),
+                               num_heads=(1, 2, 2, 4), **kw)
+
+
+def test_drop_path_only_in_training():
+    model = _small_swin(drop_path_rate=0.5, img_size=64)
+    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    eval_a = model.apply({"params": params}, x)
+    eval_b = model.apply({"params": params}, x, rngs={"dropout": jax.random.key(5)})
+    train_a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    np.testing.assert_array_equal(eval_a[3], eval_b[3])
+    assert not np.allclose(train_a[3], eval_a[3])
+    assert not np.allclose(train_a[3], train_b[3])
+    # Per sample: some samples of a batch keep a block that others drop.
+    rates = model.drop_path_rates()
+    assert rates[0][0] == 0.0 and rates[-1][-1] == pytest.approx(0.5)
+
+
+def test_drop_path_rates_are_linear_over_blocks():
+    model = swin.swin_from_name("swin_tiny_patch4_window7_224", drop_path_rate=0.2)
+    flat = [r for stage in model.drop_path_rates() for r in stage]
+    np.testing.assert_allclose(flat, np.linspace(0, 0.2, 12))
+
+
+def test_bfloat16_close_to_float32():
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    model32 = _small_swin(img_size=64)
+    model16 = _small_swin(img_size=64, dtype="bfloat16")
+    params = model32.init(jax.random.key(0), x)["params"]
+    out32 = model32.apply({"params": params}, x)
+    out16 = model16.apply({"params": params}, x)
+    for a, b in zip(out32, out16):
+        assert b.dtype == jnp.bfloat16
+        rel = np.linalg.norm(np.float32(b) - a) / np.linalg.norm(a)
+        assert rel < 0.05, rel
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_unknown_name_and_field_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown Swin model"):
+        swin.swin_from_name("swin_huge")
+    with pytest.raises(ValueError, match="unknown SwinTransformer field"):
+        swin.swin_from_name("swin_tiny_patch4_window7_224", embed=3)
+
+
+def test_shifted_window_mask_matches_closed_form():
+    # 14x14 map, window 7, shift 3: the top-left window is one region (all zeros), the
+    # bottom-right window mixes 4 regions; tokens of different regions get -100.
+    mask = swin.shifted_window_mask(14, 14, (7, 7), (3, 3))
+    assert mask.shape == (4, 49, 49)
+    assert (mask[0] == 0).all()
+    rows = np.arange(7)[:, None].repeat(7, 1).reshape(-1) >= 4
+    cols = np.arange(7)[None, :].repeat(7, 0).reshape(-1) >= 4
+    region = rows * 2 + cols
+    np.testing.assert_array_equal(mask[3], np.where(region[:, None] == region[None], 0, -100))

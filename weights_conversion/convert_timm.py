@@ -1,0 +1,100 @@
+"""Converts timm / Microsoft Swin weights into a params directory this project loads.
+
+    python -m weights_conversion.convert_timm --model swin_base_patch4_window7_224 \
+        --checkpoint swin_base_patch4_window7_224.pth --out weights/swin_base
+    python -m weights_conversion.convert_timm --model swin_base_patch4_window7_224 \
+        --pretrained --out weights/swin_base      # downloads through timm (needs internet)
+
+The output is what `configs/*.py` expect in `config.pretrained_backbone`. The
+conversion is checked before saving: timm with the same weights and the
+converted JAX model must agree on every stage within 1e-4 (skip with --no-verify).
+"""
+
+import argparse
+import sys
+
+import numpy as np
+
+from hyperiqa_jax.models.swin import SWIN_CONFIGS
+from hyperiqa_jax.params_io import save_params
+from weights_conversion import swin as swin_conversion
+
+
+def pretrained_state_dict(name: str) -> dict:
+    """timm's pretrained weights for `name` (downloads: the only place the project may)."""
+    import socket
+
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    where = "\n".join(f"  {u}" for u in (
+        cfg.hf_hub_id and f"https://huggingface.co/{cfg.hf_hub_id} (model.safetensors)",
+        cfg.url) if u)
+    advice = (f"Download one of these elsewhere:\n{where}\n"
+              "copy it to this machine and pass it with --checkpoint FILE.")
+    try:  # Fail fast offline instead of waiting through the hub client's retries.
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError as error:
+        raise ConnectionError(f"no network access to fetch {name} ({error}).\n{advice}") from None
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as error:  # timm raises many kinds here; all mean "could not fetch".
+        raise ConnectionError(f"could not download pretrained weights for {name} "
+                              f"({type(error).__name__}: {error}).\n{advice}") from None
+    return model.state_dict()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Convert a timm / Microsoft Swin checkpoint to a JAX params directory.")
+    parser.add_argument("--model", required=True, choices=sorted(SWIN_CONFIGS),
+                        help="timm model name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help=".pth / .pt / .bin (loaded with weights_only=True) "
+                        "or .safetensors file")
+    source.add_argument("--pretrained", action="store_true",
+                        help="fetch timm's pretrained weights (needs internet)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the parity check against timm (needs torch + timm)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.pretrained:
+            state_dict = pretrained_state_dict(args.model)
+            source_name = f"timm:{args.model} (pretrained)"
+        else:
+            state_dict = swin_conversion.load_state_dict_file(args.checkpoint)
+            source_name = args.checkpoint
+        params = swin_conversion.convert_state_dict(state_dict, args.model)
+    except (swin_conversion.ConversionError, FileNotFoundError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+    print(f"converted {count:,} parameters of {args.model} from {source_name}")
+
+    if not args.no_verify:
+        from weights_conversion.validate_parity import DEFAULT_TOLERANCE, swin_parity
+        results = swin_parity(args.model, state_dict=state_dict, batch=1)
+        worst = max(d["max_abs"] for d in results.values())
+        print(f"parity with timm: max abs difference over the 4 stages {worst:.2e}")
+        if worst > DEFAULT_TOLERANCE:
+            print("error: converted model disagrees with timm; nothing saved", file=sys.stderr)
+            return 1
+    out = save_params(args.out, params, {"model": args.model, "source": source_name,
+                                         "format": "swin_backbone"})
+    print(f"saved to {out}")
+    return 0
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Checks that the JAX models compute what their PyTorch counterparts compute.
+
+Swin backbone against timm (`features_only=True`), float32 on the CPU:
+
+    python -m weights_conversion.validate_parity --model swin_tiny_patch4_window7_224 --random-init
+    python -m weights_conversion.validate_parity --model swin_base_patch4_window7_224 \
+        --checkpoint swin_base.pth --img-size 256 --json
+
+Prints the max absolute / relative difference per stage and exits with status 1
+when any stage is above the tolerance (1e-4 absolute by default).
+"""
+
+import argparse
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from weights_conversion import swin as swin_conversion
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+def perturb_torch_model(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Moves every parameter away from its init (LayerNorm 1/0, zero biases), reproducibly.
+
+    Without this, a swapped scale/bias or a missing bias would go unseen.
+    """
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def difference(jax_value, torch_value) -> dict:
+    a = np.asarray(jax_value, np.float64)
+    b = np.asarray(torch_value, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: jax {a.shape} vs torch {b.shape}")
+    abs_diff = np.abs(a - b)
+    return {"max_abs": float(abs_diff.max()),
+            "max_rel": float((abs_diff / (np.abs(b) + 1e-6)).max()),
+            "ref_max_abs": float(np.abs(b).max())}
+
+
+def swin_parity(name: str, *, checkpoint: str | None = None, state_dict=None, batch: int = 2,
+                img_size: int = 224, seed: int = 0) -> dict:
+    """Per-stage differences between timm and the converted JAX Swin on random images.
+
+    Weights: `state_dict`, else the file `checkpoint`, else seeded random timm
+    weights moved away from their init (`perturb_torch_model`).
+    """
+    import timm
+    import torch
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.manual_seed(seed)
+    timm_model = timm.create_model(name, pretrained=False, features_only=True, img_size=img_size)
+    if state_dict is None and checkpoint:
+        state_dict = swin_conversion.load_state_dict_file(checkpoint)
+    if state_dict is None:
+        perturb_torch_model(timm_model, seed)
+        state_dict = timm_model.state_dict()
+    else:  # Run timm on the same weights the JAX model gets.
+        timm_model.load_state_dict(_timm_features_state_dict(state_dict))
+    params = swin_conversion.convert_state_dict(state_dict, name, img_size=img_size)
+    timm_model.eval()
+
+    images = np.random.RandomState(seed).randn(batch, img_size, img_size, 3).astype(np.float32)
+    with torch.no_grad():
+        expected = timm_model(torch.from_numpy(images).permute(0, 3, 1, 2))
+    model = swin_conversion.swin_from_name(name, img_size=img_size)
+    got = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(images))
+    return {f"stage{i}": difference(g, e.numpy()) for i, (g, e) in enumerate(zip(got, expected))}
+
+
+def _timm_features_state_dict(state_dict) -> dict:
+    """Any accepted layout in the names of timm's features_only wrapper, buffers dropped."""
+    names = swin_conversion.timm_names(
+        swin_conversion.strip_prefixes(swin_conversion.unwrap_state_dict(state_dict)))
+    return {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): swin_conversion.torch_tensor(v)
+            for k, v in names.items() if not swin_conversion.IGNORED.search(k)}
+
+
+def report(results: dict, tolerance: float) -> bool:
+    ok = True
+    print(f"{'output':<12} {'max abs':>12} {'max rel':>12} {'|ref| max':>12}")
+    for key, diff in results.items():
+        flag = "" if diff["max_abs"] <= tolerance else "  <-- above tolerance"
+        ok &= diff["max_abs"] <= tolerance
+        print(f"{key:<12} {diff['max_abs']:12.3e} {diff['max_rel']:12.3e} "
+              f"{diff['ref_max_abs']:12.3e}{flag}")
+    print(f"{'PASS' if ok else 'FAIL'} (tolerance {tolerance:g} absolute)")
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Compare the JAX models with their PyTorch references (float32, CPU).")
+    parser.add_argument("--model", help="timm Swin name, e.g. swin_base_patch4_window7_224")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help=".pth/.pt/.safetensors Swin state dict to convert")
+    source.add_argument("--random-init", action="store_true",
+                        help="seeded random timm weights, perturbed (the default)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=224, help="a multiple of 32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--json", action="store_true", help="print the differences as JSON")
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model is required")
+    if args.img_size % 32:
+        parser.error(f"--img-size must be a multiple of 32, got {args.img_size}")
+    try:
+        results = swin_parity(args.model, checkpoint=args.checkpoint, batch=args.batch,
+                              img_size=args.img_size, seed=args.seed)
+    except (swin_conversion.ConversionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": args.model, "img_size": args.img_size, "results": results},
+                         indent=2))
+        ok = all(d["max_abs"] <= args.tolerance for d in results.values())
+    else:
+        ok = report(results, args.tolerance)
+    return 0 if ok else 1
+
+
+# --- full-model mode below ---
+
+if __name__ == "__main__":
+    sys.exit(main())
