@@ -53,7 +53,11 @@ def seed_config(size="base"):
     config.data.test_crops = 20
     config.data.eval_protocol = "random"  # "random" (seeded), "center" or "grid".
     config.data.max_bad_fraction = 0.01   # abort when more images than this fail to decode.
-    config.data.num_workers = 2
+    config.data.num_workers = 2           # decoding threads per process.
+    config.data.mix_images = 16           # images whose crops are shuffled together.
+    config.data.random_flip = True
+    config.data.prefetch = 2
+    config.data.decode_draft = False      # reduced-scale JPEG decode (large photos, e.g. SPAQ).
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32   # global batch, split over all devices.

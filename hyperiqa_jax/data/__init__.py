@@ -1,0 +1,133 @@
+"""Data sets and input pipelines for hyperiqa_jax (no TensorFlow, no torch).
+
+Public API
+----------
+
+Labels and splits (`records.py`)::
+
+    load_records(name, root, split, *, label=None, seed=0, split_ratio=0.8,
+                 path_column=None) -> list[Record]
+
+    Record(path: str, score: float, image_id: str, ref: str | None)   # frozen
+
+  name: 'koniq10k', 'spaq', 'kadid10k', 'agiqa3k', 'livec', 'manifest' (CSV/JSON
+  with path + score columns, optional ref/split columns) or 'demo' (root '' =
+  generate/reuse the cached demo set). split: 'all'; 'train' / 'val' / 'test'
+  (KonIQ: official koniq10k_distributions_sets.csv; manifest/demo: the split
+  column; else a seeded split_ratio split); 'official:PART'; 'random:train' /
+  'random:test' (HyperIQA's 10 x 80/20 = seeds 0..9; by reference image for
+  KADID/demo); 'json:PATH' (koniq_train.json-style image lists, PATH relative to
+  root). Bad label files raise LabelFileError naming file, row and column; a
+  missing data set raises DatasetNotFoundError saying what to download and where.
+
+Images (`image.py`)::
+
+    load_image(path_or_bytes, *, max_pixels=DEFAULT_MAX_PIXELS) -> uint8 [H, W, 3]
+    ImageDecodeError(path, reason)        # .path, .reason
+    load_resized(source, resize, crop_size, *, name=None, draft=False) -> uint8 [h, w, 3]
+    preprocess_for_scoring(image, data_config, *, protocol=None, num_crops=None,
+                           seed=0) -> float32 [N, crop, crop, 3]
+    crop_positions(height, width, crop, num, protocol, rng=None) -> int [N, 2]
+    extract_crops(image, positions, crop, flips=None) -> uint8 [N, crop, crop, 3]
+    normalize(uint8 images) -> float32 (ImageNet mean/std)
+    target_size(width, height, resize, crop_size) -> (h, w)
+
+  resize: (h, w) exactly like PyTorch Resize((h, w)) (PIL bilinear, antialiased);
+  an int: shorter side; None: native size. Images smaller than the crop are
+  upscaled (aspect kept) so a crop fits.
+
+Pipelines (`pipeline.py`)::
+
+    make_train_dataset(records, data_config, *, batch_size, seed,
+                       process_index=0, process_count=1) -> grain.IterDataset
+        # infinite; dicts {'image': float32 [b, crop, crop, 3], 'score': float32 [b]},
+        # b = batch_size = the PER-PROCESS batch (global batch // process_count);
+        # records = all images, this process reads records[process_index::process_count].
+        # iter(ds) has get_state()/set_state() (grain.checkpoint.CheckpointSave).
+    steps_per_epoch(num_records, data_config, batch_size) -> int
+        # num_records * train_crops // batch_size (global counts: all records, global batch)
+    make_eval_batches(records, data_config, *, batch_size, seed=0, protocol=None)
+        -> Iterator[{'image': float32 [B, c, c, 3], 'image_index': int32 [B],
+                     'valid': bool [B]}]
+    num_eval_crops(data_config, protocol=None) -> int
+    average_by_image(pred_per_crop, image_index, valid, num_images) -> float64 [num_images]
+    TooManyBadImagesError        # raised from next() beyond data.max_bad_fraction
+
+  `records` may also be a `TfdsSource`. data_config fields read: crop_size,
+  resize, train_crops, test_crops, eval_protocol, max_bad_fraction, num_workers
+  (decoding threads), and optional mix_images (images whose crops are shuffled
+  together, default 16), random_flip (default True), prefetch (default 2),
+  decode_draft (default False: JPEGs decoded at reduced DCT scale when the resize
+  target allows, e.g. 4000x3000 SPAQ photos to 1000x750 before Resize).
+
+Demo data set (`demo.py`)::
+
+    ensure_demo_dataset(cache_dir=None) -> str   # root with manifest.csv
+        # default $HYPERIQA_JAX_CACHE/demo or ~/.cache/hyperiqa_jax/demo
+
+TFDS array_record (`tfds_builders.py`, no TensorFlow)::
+
+    build_tfds(name, root, data_dir, *, splits=('train', 'test'), label=None,
+               seed=0, split_ratio=0.8, path_column=None) -> builder_dir
+    load_tfds_source(builder_dir, split, *, name=None) -> TfdsSource
+"""
+
+from hyperiqa_jax.data.demo import ensure_demo_dataset
+from hyperiqa_jax.data.image import (
+    DEFAULT_MAX_PIXELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDecodeError,
+    crop_positions,
+    extract_crops,
+    load_image,
+    load_resized,
+    normalize,
+    preprocess_for_scoring,
+    target_size,
+)
+from hyperiqa_jax.data.pipeline import (
+    TooManyBadImagesError,
+    average_by_image,
+    make_eval_batches,
+    make_train_dataset,
+    num_eval_crops,
+    steps_per_epoch,
+)
+from hyperiqa_jax.data.records import (
+    DATASETS,
+    DatasetNotFoundError,
+    LabelFileError,
+    Record,
+    load_records,
+)
+from hyperiqa_jax.data.tfds_builders import TfdsSource, build_tfds, load_tfds_source
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DatasetNotFoundError",
+    "ImageDecodeError",
+    "LabelFileError",
+    "Record",
+    "TfdsSource",
+    "TooManyBadImagesError",
+    "average_by_image",
+    "build_tfds",
+    "crop_positions",
+    "ensure_demo_dataset",
+    "extract_crops",
+    "load_image",
+    "load_records",
+    "load_tfds_source",
+    "load_resized",
+    "make_eval_batches",
+    "make_train_dataset",
+    "normalize",
+    "num_eval_crops",
+    "preprocess_for_scoring",
+    "steps_per_epoch",
+    "target_size",
+]

@@ -1,0 +1,229 @@
+"""A small IQA data set generated on first use, so the whole project runs anywhere.
+
+Content: the photographs bundled inside scikit-image (no download), several
+256x256 reference crops per photo. Distortions: six types at four graded levels
+(Gaussian blur, Gaussian noise, JPEG, contrast reduction, colour saturation
+change, pixelation). Label: SSIM x 100 of the distorted image (as saved and
+decoded again) against its pristine reference, with the standard settings of
+Wang et al. 2004 (Gaussian window sigma 1.5, K1 0.01, K2 0.03, on the RGB
+channels, averaged). SSIM is a well-studied full-reference measure, bounded,
+monotone in each distortion's strength and comparable across types, so a
+no-reference model can learn to predict it from the distorted image alone.
+
+Split: by source photograph (all crops of a photo fall in the same split), so
+test content is unseen in training. Files: ``manifest.csv`` (columns path,
+score, ref, split, distortion, level, source), ``refs/*.png``, ``images/*.jpg``.
+
+Everything is deterministic (fixed noise seeds, fixed crop positions); images
+are stored as quality-95 JPEG and the label is computed on the stored pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+DEMO_VERSION = 1
+REF_SIZE = 256
+LEVELS = 4
+# Bundled photographs (skimage.data name -> (max reference crops, split)). Those
+# needing a pooch download (eagle, lily, kidney, skin, ...) are left out.
+SOURCES = {
+    "astronaut": (4, "train"),
+    "coffee": (3, "train"),
+    "rocket": (3, "train"),
+    "hubble_deep_field": (4, "train"),
+    "immunohistochemistry": (4, "train"),
+    "retina": (4, "train"),
+    "motorcycle": (4, "train"),
+    "camera": (4, "train"),
+    "brick": (2, "train"),
+    "grass": (2, "train"),
+    "coins": (1, "test"),
+    "clock": (1, "test"),
+    "cell": (2, "train"),
+    "chelsea": (2, "test"),
+    "moon": (3, "test"),
+    "gravel": (2, "test"),
+    "page": (1, "test"),
+}
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "saturation", "pixelate")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("HYPERIQA_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hyperiqa_jax")
+    return os.path.join(base, "demo")
+
+
+def _load_source(name: str) -> np.ndarray:
+    from skimage import data
+
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8) if img.dtype.kind == "f" else \
+            img.astype(np.uint8)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _reference_crops(img: np.ndarray, max_crops: int, size: int) -> list[np.ndarray]:
+    h, w = img.shape[:2]
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
+        pil = Image.fromarray(img).resize(new_size, Image.BICUBIC)
+        img = np.asarray(pil)
+        h, w = img.shape[:2]
+    # Large photos: shrink so that `max_crops` crops cover most of the picture.
+    if min(h, w) > 2 * size and max_crops > 1:
+        scale = 2 * size / min(h, w)
+        img = np.asarray(Image.fromarray(img).resize((round(w * scale), round(h * scale)),
+                                                     Image.LANCZOS))
+        h, w = img.shape[:2]
+    rows = 2 if h >= 2 * size and max_crops > 1 else 1
+    cols = max(1, min(max_crops // rows, w // size))
+    ys = np.round(np.linspace(0, h - size, rows + 2)[1:-1] if rows == 1 else
+                  np.linspace(0, h - size, rows)).astype(int)
+    xs = np.round(np.linspace(0, w - size, cols + 2)[1:-1] if cols == 1 else
+                  np.linspace(0, w - size, cols)).astype(int)
+    crops = []
+    for y in ys:
+        for x in xs:
+            c = img[y:y + size, x:x + size]
+            if c.std() >= 8.0:  # skip featureless patches (black borders)
+                crops.append(np.ascontiguousarray(c))
+    return crops[:max_crops]
+
+
+def _jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def distort(img: np.ndarray, kind: str, level: int, seed: int) -> np.ndarray:
+    """Distortion `kind` at `level` (1 = mild ... LEVELS = strong) of a uint8 RGB image."""
+    f = img.astype(np.float32)
+    if kind == "blur":
+        radius = [0.8, 1.5, 2.5, 4.0][level - 1]
+        return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+    if kind == "noise":
+        sigma = [6.0, 14.0, 25.0, 40.0][level - 1]
+        noise = np.random.default_rng(seed).normal(0.0, sigma, img.shape).astype(np.float32)
+        out = f + noise
+    elif kind == "jpeg":
+        return _jpeg_roundtrip(img, [40, 20, 10, 4][level - 1])
+    elif kind == "contrast":
+        alpha = [0.75, 0.55, 0.38, 0.22][level - 1]
+        out = (f - f.mean()) * alpha + f.mean()
+    elif kind == "saturation":
+        factor = [0.5, 0.0, 2.2, 3.5][level - 1]  # desaturate, grey, oversaturate x2
+        grey = f @ np.array([0.299, 0.587, 0.114], np.float32)
+        out = grey[..., None] + (f - grey[..., None]) * factor
+        if factor == 0.0:  # grey photos do not change: darken too so the level means something
+            out = out * 0.8
+    elif kind == "pixelate":
+        factor = [2, 3, 5, 8][level - 1]
+        h, w = img.shape[:2]
+        small = Image.fromarray(img).resize((max(1, w // factor), max(1, h // factor)), Image.BOX)
+        return np.asarray(small.resize((w, h), Image.NEAREST))
+    else:
+        raise ValueError(f"unknown distortion {kind!r}")
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def ssim_score(ref: np.ndarray, img: np.ndarray) -> float:
+    """SSIM x 100 (Wang et al. settings) of img against ref, RGB channels averaged."""
+    from skimage.metrics import structural_similarity
+
+    s = structural_similarity(ref, img, channel_axis=-1, data_range=255, gaussian_weights=True,
+                              sigma=1.5, use_sample_covariance=False)
+    return float(100.0 * s)
+
+
+def _make_one(args):
+    ref, out_path, kind, level, seed = args
+    img = distort(ref, kind, level, seed)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    with open(out_path, "wb") as f:
+        f.write(data)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return ssim_score(ref, stored)
+
+
+def generate_demo_dataset(out_dir: str, *, sources: dict | None = None, size: int = REF_SIZE,
+                          distortions=DISTORTIONS, levels: int = LEVELS,
+                          num_threads: int = 2) -> str:
+    """Write the demo data set into `out_dir` (created); returns the manifest path."""
+    sources = SOURCES if sources is None else sources
+    os.makedirs(os.path.join(out_dir, "refs"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    jobs, rows = [], []
+    for src, (max_crops, split) in sources.items():
+        for k, ref in enumerate(_reference_crops(_load_source(src), max_crops, size)):
+            ref_id = f"{src}_{k}"
+            Image.fromarray(ref).save(os.path.join(out_dir, "refs", f"{ref_id}.png"))
+            for di, kind in enumerate(distortions):
+                for level in range(1, levels + 1):
+                    rel = f"images/{ref_id}_{kind}_{level}.jpg"
+                    seed = int(hashlib.md5(f"{ref_id}/{kind}/{level}".encode()).hexdigest()[:8], 16)
+                    jobs.append((ref, os.path.join(out_dir, rel), kind, level, seed))
+                    rows.append({"path": rel, "ref": ref_id, "split": split, "distortion": kind,
+                                 "level": level, "source": src, "_order": (di, level)})
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        scores = list(pool.map(_make_one, jobs))
+    manifest = os.path.join(out_dir, "manifest.csv")
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "score", "ref", "split", "distortion", "level", "source"])
+        w.writeheader()
+        for row, score in zip(rows, scores):
+            row = {k: v for k, v in row.items() if k != "_order"}
+            w.writerow({**row, "score": f"{score:.4f}"})
+    return manifest
+
+
+def ensure_demo_dataset(cache_dir: str | None = None) -> str:
+    """The demo data set's root folder (holding manifest.csv), generating it if needed.
+
+    cache_dir: where it lives; default $HYPERIQA_JAX_CACHE/demo, else
+    ~/.cache/hyperiqa_jax/demo. Generated once (about 20 s on 2 cores) into a
+    temporary folder and moved into place, so concurrent callers are safe.
+    Read it with load_records('demo', root, split) (or 'manifest').
+    """
+    root = os.path.abspath(cache_dir or default_cache_dir())
+    stamp = os.path.join(root, f"COMPLETE_v{DEMO_VERSION}")
+    if os.path.isfile(stamp):
+        return root
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-tmp-", dir=parent)
+    try:
+        t0 = time.time()
+        generate_demo_dataset(tmp)
+        with open(os.path.join(tmp, f"COMPLETE_v{DEMO_VERSION}"), "w") as f:
+            f.write(f"generated in {time.time() - t0:.1f}s\n")
+        if os.path.isdir(root) and not os.path.isfile(stamp):
+            shutil.rmtree(root, ignore_errors=True)  # an older version or a broken attempt
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not os.path.isfile(stamp):  # someone else won only if their copy is complete
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
