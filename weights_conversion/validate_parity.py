@@ -133,5 +133,97 @@ def main(argv=None) -> int:
 
 # --- full-model mode below ---
 
+# Full HyperIQA models (issue 3): `--config configs/X.py` compares the whole model with
+# weights_conversion.torch_reference (every intermediate, the attention and the score)
+# and, with --train-step, one optimiser step.
+#
+#     python -m weights_conversion.validate_parity --config configs/tiny.py
+#     python -m weights_conversion.validate_parity --config configs/resnet50_hyperiqa.py \
+#         --checkpoint koniq_pretrained.pkl
+#     python -m weights_conversion.validate_parity --config configs/base.py --train-step
+
+SCORE_TOLERANCE = 1e-4
+ATTENTION_TOLERANCE = 1e-5
+RELATIVE_TOLERANCE = 1e-5  # intermediates: max abs difference / max |reference|
+
+
+def load_config(path: str):
+    """`get_config()` of a config file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("parity_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def full_model_report(results: dict, quiet: bool = False) -> bool:
+    """Prints the per-output differences (unless quiet); True when all are in tolerance."""
+    ok = True
+    say = (lambda *a: None) if quiet else print
+    say(f"{'output':<22} {'max abs':>12} {'|ref| max':>12}  limit")
+    for key, diff in results.items():
+        if key.startswith("_"):
+            continue
+        if key == "score":
+            limit = SCORE_TOLERANCE
+        elif key == "attention":
+            limit = ATTENTION_TOLERANCE
+        else:
+            limit = RELATIVE_TOLERANCE * max(diff["ref_max_abs"], 1.0)
+        good = diff["max_abs"] <= limit
+        ok &= good
+        say(f"{key:<22} {diff['max_abs']:12.3e} {diff['ref_max_abs']:12.3e}  {limit:.1e}"
+            + ("" if good else "  <-- above tolerance"))
+    scores = results.get("_scores", {})
+    if scores:
+        say(f"scores jax {scores['jax']} torch {scores['torch']}")
+    say("PASS" if ok else "FAIL")
+    return ok
+
+
+def full_model_main(argv) -> int:
+    parser = argparse.ArgumentParser(description="Full HyperIQA parity against the PyTorch "
+                                                 "reference (float32, CPU).")
+    parser.add_argument("--config", required=True, help="configs/X.py")
+    parser.add_argument("--checkpoint", help="full checkpoint to load (any supported format); "
+                                             "default: perturbed random weights")
+    parser.add_argument("--format", default="auto")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-step", action="store_true",
+                        help="also compare one optimiser step (dropout off)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    from weights_conversion import hyperiqa_parity
+
+    config = load_config(args.config)
+    try:
+        results = hyperiqa_parity.forward_parity(
+            config.model, batch=args.batch, seed=args.seed, checkpoint=args.checkpoint,
+            fmt=args.format)
+    except (swin_conversion.ConversionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"config": args.config, "forward": results}, indent=2))
+        ok = full_model_report(results, quiet=True)
+    else:
+        ok = full_model_report(results)
+    if args.train_step:
+        step = hyperiqa_parity.train_step_parity(config, batch=args.batch, seed=args.seed)
+        print(json.dumps({"train_step": step}, indent=2))
+    return 0 if ok else 1
+
+
+_swin_main = main
+
+
+def main(argv=None) -> int:  # noqa: F811  (dispatches to the Swin-only mode above)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return full_model_main(argv)
+    return _swin_main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

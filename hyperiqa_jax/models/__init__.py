@@ -1,1 +1,51 @@
-"""Linen model definitions."""
+"""Model family: HyperIQA with a Swin (E6 / A1 / A2, SMART-IQA) or ResNet-50 (C0) backbone."""
+
+import jax.numpy as jnp
+
+from hyperiqa_jax.models.hyperiqa import HyperIQA
+from hyperiqa_jax.models.resnet import ResNet50
+from hyperiqa_jax.models.swin import SwinTransformer, swin_from_name
+
+RESNET_BACKBONES = ("resnet50",)
+# Widths of the 1x1 convs in front of hyper_in_feat: the original HyperIQA reduces
+# layer4's 2048 channels 2048 -> 1024 -> 512; the Swin variants use 512 -> 256.
+HYPER_FEATURE_WIDTHS = {"resnet": (1024, 512), "swin": (512, 256)}
+
+
+def build_backbone(model_config):
+    """The backbone module named by `model_config.backbone` (a timm Swin name or 'resnet50')."""
+    dtype = jnp.dtype(model_config.get("dtype", "float32"))
+    if model_config.backbone in RESNET_BACKBONES:
+        return ResNet50(dtype=dtype)
+    overrides = dict(model_config.get("backbone_overrides", None) or {})
+    overrides.setdefault("img_size", model_config.get("img_size", 224))
+    overrides.setdefault("drop_path_rate", model_config.get("drop_path_rate", 0.0))
+    overrides["dtype"] = dtype
+    return swin_from_name(model_config.backbone, **overrides)
+
+
+def build_model(model_config) -> HyperIQA:
+    """HyperIQA for a `configs/common.py` model_config.
+
+    Optional fields read with defaults: `attention_dropout` (scale attention's
+    dropout, 0.5 as released) and `hyper_feature_widths`.
+    """
+    kind = "resnet" if model_config.backbone in RESNET_BACKBONES else "swin"
+    widths = model_config.get("hyper_feature_widths", None) or HYPER_FEATURE_WIDTHS[kind]
+    return HyperIQA(
+        backbone=build_backbone(model_config),
+        multi_scale=bool(model_config.multi_scale),
+        attention=str(model_config.attention),
+        hyper_feature_widths=tuple(widths),
+        hyper_in_channels=int(model_config.hyper_in_channels),
+        target_in_size=int(model_config.target_in_size),
+        target_fc_sizes=tuple(model_config.target_fc_sizes),
+        feature_size=int(model_config.feature_size),
+        dropout=float(model_config.dropout),
+        attention_dropout=float(model_config.get("attention_dropout", 0.5)),
+        dtype=jnp.dtype(model_config.get("dtype", "float32")),
+    )
+
+
+__all__ = ["HyperIQA", "ResNet50", "SwinTransformer", "build_backbone", "build_model",
+           "swin_from_name"]

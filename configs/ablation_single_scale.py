@@ -1,0 +1,17 @@
+"""Ablation A2: Swin-B, stage 3 alone into the hyper network, no attention.
+
+    python -m hyperiqa_jax.train --config configs/ablation_single_scale.py \
+        --workdir runs/a2 --config.data.root=/data/koniq10k \
+        --config.pretrained_backbone=weights/swin_base_patch4_window7_224
+
+Seed's result on KonIQ-10k test: SRCC 0.9338, PLCC 0.9438.
+"""
+
+from configs.common import seed_config
+
+
+def get_config():
+    config = seed_config("base")
+    config.model.multi_scale = False
+    config.model.attention = "none"
+    return config

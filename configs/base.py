@@ -1,0 +1,15 @@
+"""E6, the seed's best model: Swin-B, four-stage fusion, channel attention (SPEC 1, 2).
+
+    python -m hyperiqa_jax.train --config configs/base.py --workdir runs/base \
+        --config.data.root=/data/koniq10k \
+        --config.pretrained_backbone=weights/swin_base_patch4_window7_224
+
+Seed's result on the KonIQ-10k test split: SRCC 0.9378, PLCC 0.9485
+(88-89M parameters, 15.3 GMACs at 224).
+"""
+
+from configs.common import seed_config
+
+
+def get_config():
+    return seed_config("base")

@@ -1,0 +1,14 @@
+"""E6 with a Swin-S backbone (drop path 0.25, dropout 0.35).
+
+    python -m hyperiqa_jax.train --config configs/small.py --workdir runs/small \
+        --config.data.root=/data/koniq10k \
+        --config.pretrained_backbone=weights/swin_small_patch4_window7_224
+
+Seed's result on KonIQ-10k test: SRCC 0.9338, PLCC 0.9455 (50.8M parameters, 8.7 GMACs).
+"""
+
+from configs.common import seed_config
+
+
+def get_config():
+    return seed_config("small")

@@ -1,0 +1,14 @@
+"""E6 with a Swin-T backbone (drop path 0.2, dropout 0.3).
+
+    python -m hyperiqa_jax.train --config configs/tiny.py --workdir runs/tiny \
+        --config.data.root=/data/koniq10k \
+        --config.pretrained_backbone=weights/swin_tiny_patch4_window7_224
+
+Seed's result on KonIQ-10k test: SRCC 0.9249, PLCC 0.9360 (29.5M parameters, 4.5 GMACs).
+"""
+
+from configs.common import seed_config
+
+
+def get_config():
+    return seed_config("tiny")

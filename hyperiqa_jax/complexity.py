@@ -1,0 +1,85 @@
+"""Parameters and FLOPs of a config's model, next to the seed's figures (SPEC 1.8).
+
+    python -m hyperiqa_jax.complexity --config configs/base.py
+    python -m hyperiqa_jax.complexity --config configs/tiny.py --config configs/small.py
+
+FLOPs come from XLA's cost analysis of the compiled eval forward pass for one
+224x224 image (XLA counts a multiply-add as 2 FLOPs; MACs = FLOPs / 2, which is
+the unit of the seed's "GFLOPs").
+"""
+
+import argparse
+import importlib.util
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperiqa_jax.models import build_model
+
+# Seed's reported figures (SPEC 1.8): (params in millions, GMACs), None where not reported.
+SEED_FIGURES = {
+    "swin_base_patch4_window7_224/channel": (88.5, 15.3),
+    "swin_small_patch4_window7_224/channel": (50.8, 8.7),
+    "swin_tiny_patch4_window7_224/channel": (29.5, 4.5),
+}
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("complexity_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def complexity(model_config, batch: int = 1) -> dict:
+    """{'params', 'backbone_params', 'flops', 'macs'} of one eval forward pass per image."""
+    model = build_model(model_config)
+    size = int(model_config.get("img_size", 224))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    forward = jax.jit(lambda v, x: model.apply(v, x)["score"])
+    cost = forward.lower(variables, images).compile().cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax returns one dict per device.
+        cost = cost[0]
+    flops = float(cost.get("flops", float("nan"))) / batch
+    return {"params": count_params(variables["params"]),
+            "backbone_params": count_params(variables["params"]["backbone"]),
+            "flops": flops, "macs": flops / 2}
+
+
+def seed_figures(model_config):
+    key = f"{model_config.backbone}/{model_config.attention}"
+    if model_config.get("multi_scale", True) is False:
+        key += "/single"
+    return SEED_FIGURES.get(key)
+
+
+def format_row(name: str, model_config, result: dict) -> str:
+    seed = seed_figures(model_config)
+    seed_text = f"{seed[0]:.1f}M / {seed[1]:.1f}G" if seed else "-"
+    return (f"| {name} | {model_config.backbone} | {model_config.attention} | "
+            f"{'yes' if model_config.multi_scale else 'no'} | {result['params'] / 1e6:.2f}M | "
+            f"{result['flops'] / 1e9:.2f} | {result['macs'] / 1e9:.2f} | {seed_text} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="configs/X.py")
+    args = parser.parse_args(argv)
+    print("| config | backbone | attention | multi-scale | params | GFLOPs (XLA) | GMACs "
+          "| seed params / GMACs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in args.config:
+        config = load_config(path)
+        print(format_row(path, config.model, complexity(config.model)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

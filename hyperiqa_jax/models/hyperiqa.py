@@ -1,0 +1,253 @@
+"""HyperIQA head (SPEC section 1): LDA vector, multi-scale fusion, attention, hyper network,
+and a per-image target network.
+
+    backbone stage maps ─┬─ LDA ────────────────────────────────► target_in_vec [224]
+                         └─ pool to 7x7 ─ (attention) ─ concat ─ hyper network
+                                                                  │ generated weights/biases
+                                               target net (vmapped over images) ◄┘ ─► score
+
+Everything is NHWC. Wherever the PyTorch model flattens or views an NCHW
+tensor (LDA flatten, generated target weights), the map is transposed to NCHW
+first so that converted checkpoints compute the same thing.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ATTENTIONS = ("channel", "scale", "none")
+
+
+def nchw_flatten(x):
+    """[B, H, W, C] -> [B, C*H*W] in PyTorch's `x.view(B, -1)` order on NCHW."""
+    return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] averaging weights of PyTorch's adaptive_avg_pool along one axis."""
+    matrix = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)  # ceil((i + 1) * in / out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x, output_size: tuple[int, int]):
+    """PyTorch `adaptive_avg_pool2d` on an NHWC map, also for sizes that do not divide.
+
+    Output cell i covers input [floor(i*n/o), ceil((i+1)*n/o)); windows may overlap.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:  # plain average pooling, as PyTorch computes it.
+        window = (h // oh, w // ow)
+        return nn.avg_pool(x, window, strides=window)
+    rows = jnp.asarray(_adaptive_pool_matrix(h, oh), x.dtype)
+    cols = jnp.asarray(_adaptive_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols)
+
+
+class LocalDistortionAware(nn.Module):
+    """LDA: per stage 1x1 conv (stages 0-2), avg-pool 7/7, NCHW flatten, Linear; concat."""
+
+    conv_widths: Sequence[int] = (16, 32, 64)
+    out_sizes: Sequence[int] = (16, 16, 16, 176)
+    pool: int = 7
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, stage_maps):
+        parts = []
+        for i, (x, out_size) in enumerate(zip(stage_maps, self.out_sizes)):
+            if i < len(self.conv_widths):
+                x = nn.Conv(self.conv_widths[i], (1, 1), use_bias=False, dtype=self.dtype,
+                            name=f"conv_{i}")(x)
+            # PyTorch AvgPool2d(7, stride=7) floors, like VALID padding.
+            x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+            parts.append(nn.Dense(out_size, dtype=self.dtype, name=f"fc_{i}")(nchw_flatten(x)))
+        return jnp.concatenate(parts, axis=-1)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-excitation over the fused channels (the seed's E6 design)."""
+
+    reduction: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        squeezed = x.mean(axis=(1, 2))
+        hidden = nn.relu(nn.Dense(channels // self.reduction, dtype=self.dtype,
+                                  name="reduce")(squeezed))
+        weights = nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name="expand")(hidden)
+                             .astype(jnp.float32))
+        return x * weights[:, None, None, :].astype(x.dtype), weights
+
+
+class ScaleAttention(nn.Module):
+    """Softmax weights over the stages from the deepest map's global average (SMART-IQA)."""
+
+    hidden: int = 256
+    dropout_rate: float = 0.5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled_maps, deepest_map, train: bool):
+        context = deepest_map.mean(axis=(1, 2))
+        hidden = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(context))
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=not train)
+        logits = nn.Dense(len(pooled_maps), dtype=self.dtype, name="logits")(hidden)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        fused = jnp.concatenate(
+            [m * weights[:, i, None, None, None].astype(m.dtype)
+             for i, m in enumerate(pooled_maps)], axis=-1)
+        return fused, weights
+
+
+class HyperNetwork(nn.Module):
+    """1x1 conv stack -> hyper_in_feat; heads that generate the target net's weights/biases.
+
+    Weight i comes from a 3x3 conv whose [C', 7, 7] (NCHW) output is viewed row-major
+    as [out_i, in_i]; biases (and fc5's weight) from Linear layers on the global average.
+    """
+
+    feature_widths: Sequence[int] = (512, 256)
+    hyper_in_channels: int = 112
+    target_in_size: int = 224
+    target_fc_sizes: Sequence[int] = (112, 56, 28, 14)
+    feature_size: int = 7
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, fused, train: bool):
+        x = fused
+        for i, width in enumerate((*self.feature_widths, self.hyper_in_channels)):
+            x = nn.relu(nn.Conv(width, (1, 1), dtype=self.dtype, name=f"feature_conv_{i}")(x))
+        hyper_in_feat = x
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        pooled = x.mean(axis=(1, 2))
+
+        batch = x.shape[0]
+        sizes = (self.target_in_size, *self.target_fc_sizes)
+        weights, biases = [], []
+        for i in range(len(self.target_fc_sizes)):
+            fan_in, fan_out = sizes[i], sizes[i + 1]
+            channels, remainder = divmod(fan_in * fan_out, self.feature_size ** 2)
+            if remainder:
+                raise ValueError(f"target fc{i + 1} ({fan_out}x{fan_in}) is not divisible by "
+                                 f"feature_size**2 = {self.feature_size ** 2}")
+            w = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                        name=f"fc{i + 1}_weight_conv")(x)
+            weights.append(nchw_flatten(w).reshape(batch, fan_out, fan_in))
+            biases.append(nn.Dense(fan_out, dtype=self.dtype, name=f"fc{i + 1}_bias_fc")(pooled))
+        last = len(self.target_fc_sizes) + 1
+        weights.append(nn.Dense(sizes[-1], dtype=self.dtype, name=f"fc{last}_weight_fc")(pooled)
+                       .reshape(batch, 1, sizes[-1]))
+        biases.append(nn.Dense(1, dtype=self.dtype, name=f"fc{last}_bias_fc")(pooled))
+        return hyper_in_feat, weights, biases
+
+
+class TargetNetwork(nn.Module):
+    """The quality regressor of ONE image, with weights generated for that image.
+
+    q = sigmoid(W_i q + b_i) with dropout after every hidden layer but the last;
+    score = W_5 q + b_5.
+    """
+
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, weights, biases):
+        q = x
+        hidden_layers = len(weights) - 1
+        for i in range(hidden_layers):
+            q = nn.sigmoid(weights[i] @ q + biases[i])
+            if i < hidden_layers - 1:
+                q = nn.Dropout(self.dropout_rate)(q, deterministic=self.deterministic)
+        return (weights[-1] @ q + biases[-1])[0]
+
+
+# One TargetNetwork per image: weights, biases and the dropout rng are split over the batch.
+BatchedTargetNetwork = nn.vmap(
+    TargetNetwork, in_axes=0, out_axes=0, variable_axes={}, split_rngs={"dropout": True})
+
+
+class HyperIQA(nn.Module):
+    """Backbone + HyperIQA head. See `hyperiqa_jax.models.build_model` for the config mapping.
+
+    `__call__(images, train, return_intermediates)` takes ImageNet-normalised NHWC
+    images and returns {'score': [B] float32, 'attention': [B, C] / [B, 4] / None}
+    plus, with return_intermediates, 'stage_maps', 'pooled_maps', 'target_in_vec',
+    'fused', 'hyper_in_feat', 'target_fc{i}_weight' [B, out, in], 'target_fc{i}_bias' [B, out].
+    """
+
+    backbone: nn.Module
+    multi_scale: bool = True
+    attention: str = "channel"
+    hyper_feature_widths: Sequence[int] = (512, 256)
+    hyper_in_channels: int = 112
+    target_in_size: int = 224
+    target_fc_sizes: Sequence[int] = (112, 56, 28, 14)
+    feature_size: int = 7
+    lda_conv_widths: Sequence[int] = (16, 32, 64)
+    lda_out_size: int = 16
+    dropout: float = 0.0
+    attention_reduction: int = 4
+    attention_hidden: int = 256
+    attention_dropout: float = 0.5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, return_intermediates: bool = False):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.attention == "scale" and not self.multi_scale:
+            raise ValueError("scale attention weighs the four stages: it needs multi_scale=True")
+        stage_maps = tuple(self.backbone(images, train=train))
+
+        lda_sizes = [self.lda_out_size] * len(self.lda_conv_widths)
+        lda_sizes.append(self.target_in_size - sum(lda_sizes))
+        target_in_vec = LocalDistortionAware(
+            self.lda_conv_widths, tuple(lda_sizes), dtype=self.dtype, name="lda")(stage_maps)
+
+        size = (self.feature_size, self.feature_size)
+        used = stage_maps if self.multi_scale else stage_maps[-1:]
+        pooled_maps = [adaptive_avg_pool(m, size) for m in used]
+        attention = None
+        if self.attention == "scale":
+            fused, attention = ScaleAttention(self.attention_hidden, self.attention_dropout,
+                                              self.dtype, name="attention")(
+                pooled_maps, stage_maps[-1], train)
+        else:
+            fused = jnp.concatenate(pooled_maps, axis=-1)
+            if self.attention == "channel":
+                fused, attention = ChannelAttention(self.attention_reduction, self.dtype,
+                                                    name="attention")(fused)
+
+        hyper_in_feat, weights, biases = HyperNetwork(
+            self.hyper_feature_widths, self.hyper_in_channels, self.target_in_size,
+            tuple(self.target_fc_sizes), self.feature_size, self.dropout, self.dtype,
+            name="hyper")(fused, train)
+
+        # The target net is tiny: run it in float32 so the score keeps its precision.
+        to32 = lambda xs: [v.astype(jnp.float32) for v in xs]
+        score = BatchedTargetNetwork(self.dropout, deterministic=not train, name="target")(
+            target_in_vec.astype(jnp.float32), to32(weights), to32(biases))
+
+        out = {"score": score.astype(jnp.float32), "attention": attention}
+        if return_intermediates:
+            out.update(stage_maps=stage_maps, pooled_maps=tuple(pooled_maps),
+                       target_in_vec=target_in_vec, fused=fused, hyper_in_feat=hyper_in_feat)
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                out[f"target_fc{i + 1}_weight"] = w
+                out[f"target_fc{i + 1}_bias"] = b
+        return out
