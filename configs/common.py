@@ -76,4 +76,9 @@ def seed_config(size="base"):
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 2
     config.train.log_every_steps = 50
+    config.train.max_steps = 0            # > 0: stop after this many steps (schedule unchanged).
+    config.train.eval_every_steps = 0     # > 0: also evaluate every N steps.
+    config.train.eval_batch_size = 0      # 0: same as batch_size.
+    config.train.standardize_labels = False  # train on (y - mean) / std of the train labels.
+    config.train.loss = "l1"              # "l1" or "smooth_l1".
     return config

@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a training run.
+
+Layout of a workdir:
+
+    checkpoints/<step>/{state, data_iter, meta}   the latest K, for resuming
+    best/<step>/{state, meta}                     the best by test SRCC, for scoring
+
+The best checkpoint lives in its own manager: Orbax's `best_fn` retention can
+evict the newest checkpoint, which would break resuming. `state` is the full
+train state (params, optimiser state, rng, step); the best copy holds only what
+inference needs (params, batch_stats). `data_iter` is the grain iterator, so a
+resumed run sees exactly the next batch. `meta` is JSON: the config, label
+statistics and the metrics at that step, so a checkpoint is self-describing.
+
+Restores go into abstract targets (`jax.ShapeDtypeStruct` with a sharding), so
+a checkpoint written on N devices loads onto M.
+"""
+
+from pathlib import Path
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+class Checkpointer:
+    """The latest-K and best-by-SRCC checkpoint managers of one workdir."""
+
+    def __init__(self, workdir, keep=2, async_save=True):
+        workdir = Path(workdir).absolute()
+        options = dict(create=True, enable_async_checkpointing=async_save)
+        self.latest = ocp.CheckpointManager(
+            workdir / LATEST_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options),
+            item_names=("state", "data_iter", "meta"))
+        self.best = ocp.CheckpointManager(
+            workdir / BEST_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, **options),
+            item_names=("state", "meta"))
+
+    def latest_step(self):
+        return self.latest.latest_step()
+
+    def save(self, step, state, data_iter, meta):
+        """Saves the resumable state (async; errors surface at the next wait)."""
+        if step in self.latest.all_steps():
+            return
+        self.latest.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def save_best(self, step, inference_state, meta):
+        if step in self.best.all_steps():
+            return
+        self.best.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(inference_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step, abstract_state, data_iter=None):
+        """Restores `state` (into `abstract_state`'s shardings) and the data iterator."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.meta
+
+    def wait(self):
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
+
+
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (for restoring onto any mesh)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def find_checkpoint(path):
+    """Resolves what a user points at to (manager directory, step).
+
+    Accepts a workdir (prefers best/, else the latest of checkpoints/), a
+    best/ or checkpoints/ directory (its newest step), or one step directory.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    for sub in (BEST_DIR, LATEST_DIR):
+        if _steps(path / sub):
+            return path / sub, max(_steps(path / sub))
+    if _steps(path):
+        return path, max(_steps(path))
+    if path.name.isdigit() and (path / "meta").is_dir():
+        return path.parent, int(path.name)
+    raise FileNotFoundError(
+        f"no checkpoint found under {path}: expected a training workdir (with {BEST_DIR}/ or "
+        f"{LATEST_DIR}/), one of those folders, or a step folder inside one")
+
+
+def _steps(directory):
+    if not directory.is_dir():
+        return []
+    return [int(p.name) for p in directory.iterdir()
+            if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()]
+
+
+def read_meta(manager_dir, step):
+    """The JSON `meta` item of one checkpoint (config, label statistics, metrics)."""
+    with ocp.CheckpointManager(Path(manager_dir), item_names=("meta",),
+                               options=ocp.CheckpointManagerOptions(create=False)) as m:
+        return m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_state(manager_dir, step, abstract_state):
+    """Restores only the `state` item of one checkpoint into `abstract_state`."""
+    with ocp.CheckpointManager(Path(manager_dir), item_names=("state",),
+                               options=ocp.CheckpointManagerOptions(create=False)) as m:
+        return m.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
+
+
+def config_from_meta(meta):
+    """The run's ConfigDict (JSON lists turned back into tuples)."""
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+    return ml_collections.ConfigDict(tuples(meta["config"]))

@@ -1,0 +1,233 @@
+r"""Evaluates a checkpoint on one or more data sets (zero-shot cross-data-set tables).
+
+    python -m hyperiqa_jax.evaluate --checkpoint runs/base \
+        --data koniq10k:test=/data/koniq10k --data spaq=/data/spaq --data kadid10k=/data/kadid \
+        [--protocol random|center|grid] [--num_crops 20] [--out runs/base/eval]
+
+`--data NAME[:SPLIT]=ROOT`: NAME is one of koniq10k, spaq, kadid10k, agiqa3k,
+livec, manifest, demo; SPLIT defaults to `all` (every image: zero-shot). Writes
+`results.md` and `results.json` (SRCC / PLCC / KRCC / RMSE / PLCC after the
+logistic fit, per data set), and figures: predicted vs MOS scatter per data
+set, attention weights by quality bin, and the training curves of the run's
+`metrics.jsonl` when the checkpoint sits in a training workdir.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from hyperiqa_jax import metrics
+from hyperiqa_jax.logs import quiet_library_logs
+
+
+def define_flags():
+    """Command-line flags (defined only when run as a program)."""
+    flags.DEFINE_string("checkpoint", None, "Training workdir, best/ or a step folder.")
+    flags.DEFINE_multi_string("data", [], "NAME[:SPLIT]=ROOT, repeatable.")
+    flags.DEFINE_enum("protocol", None, ["random", "center", "grid"],
+                      "Crop protocol (default: the run's data.eval_protocol).")
+    flags.DEFINE_integer("num_crops", None, "Crops per image (default: the run's "
+                         "data.test_crops).")
+    flags.DEFINE_integer("batch_size", 64, "Crops per batch.")
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval or ./eval).")
+    flags.DEFINE_integer("quality_bins", 5, "MOS quantile bins for the attention figure.")
+
+
+COLUMNS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
+
+
+def parse_data_arg(arg):
+    """'name[:split]=root' -> (name, split, root)."""
+    if "=" not in arg:
+        raise ValueError(f"--data {arg!r}: expected NAME[:SPLIT]=ROOT, e.g. spaq=/data/spaq")
+    key, root = arg.split("=", 1)
+    name, _, split = key.partition(":")
+    return name.strip(), (split.strip() or "all"), root
+
+
+def evaluate_dataset(model, name, split, root, *, seed=0):
+    """Scores every record of one data set; returns (result dict, pred, mos, attention)."""
+    from hyperiqa_jax import data
+
+    records = data.load_records(name, root, split, seed=seed)
+    if not records:
+        raise ValueError(f"{name} ({root}, split {split}) has no images")
+    preds = np.full(len(records), np.nan)
+    attention = [None] * len(records)
+    errors = {}
+    for i, score, err, att in model.iter_scores([r.path for r in records],
+                                                return_attention=True):
+        preds[i], attention[i] = score, att
+        if err is not None:
+            errors[records[i].path] = err
+    mos = np.array([r.score for r in records], np.float64)
+    ok = np.isfinite(preds)
+    result = {"data": name, "split": split, "root": str(root), **metrics.compute_all(preds[ok],
+                                                                                     mos[ok]),
+              "failed_images": len(errors), "protocol": model.protocol,
+              "crops_per_image": model.num_crops}
+    if errors:
+        result["failed_examples"] = dict(list(errors.items())[:5])
+    att = None if any(a is None for a, k in zip(attention, ok) if k) else np.stack(
+        [a for a, k in zip(attention, ok) if k])
+    return result, preds[ok], mos[ok], att
+
+
+def markdown_table(results):
+    head = "| data set | split | images | SRCC | PLCC | KRCC | RMSE | PLCC (logistic) |"
+    rows = [head, "|" + "---|" * 8]
+    for r in results:
+        vals = " | ".join(_fmt(r[c]) for c in COLUMNS)
+        rows.append(f"| {r['data']} | {r['split']} | {r['num_images']} | {vals} |")
+    return "\n".join(rows)
+
+
+def _fmt(x):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scatter(pred, mos, result, path):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(mos, pred, s=6, alpha=0.5)
+    lo, hi = float(min(mos.min(), pred.min())), float(max(mos.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("MOS")
+    ax.set_ylabel("predicted score")
+    ax.set_title(f"{result['data']} ({result['split']}): SRCC {_fmt(result['srcc'])}, "
+                 f"PLCC {_fmt(result['plcc'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention_by_bin(att, mos, name, path, bins=5):
+    """Mean attention weights of the images in each MOS quantile bin."""
+    plt = _pyplot()
+    edges = np.quantile(mos, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, mos, side="right") - 1, 0, bins - 1)
+    means = np.stack([att[which == b].mean(0) if np.any(which == b) else np.full(att.shape[1],
+                                                                                  np.nan)
+                      for b in range(bins)])
+    labels = [f"{edges[b]:.0f}-{edges[b + 1]:.0f}" for b in range(bins)]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if att.shape[1] <= 8:  # scale attention: one weight per stage
+        width = 0.8 / att.shape[1]
+        for k in range(att.shape[1]):
+            ax.bar(np.arange(bins) + k * width, means[:, k], width, label=f"stage {k}")
+        ax.set_xticks(np.arange(bins) + 0.4 - width / 2, labels)
+        ax.legend(fontsize=8)
+        ax.set_ylabel("mean attention weight")
+    else:  # channel attention: a heat map of bins x channels
+        im = ax.imshow(means, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(bins), labels)
+        ax.set_xlabel("fused channel")
+        fig.colorbar(im, ax=ax, label="mean weight")
+    ax.set_title(f"{name}: attention by MOS bin", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(metrics_path, path):
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
+    test = [r for r in rows if r["split"] == "test"]
+    if not train and not test:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    for key in ("srcc", "plcc"):
+        pts = [(r["step"], r[key]) for r in test if r.get(key) is not None]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=key.upper())
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("test correlation")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch_size=64,
+        bins=5):
+    """Evaluates `checkpoint` on every `NAME[:SPLIT]=ROOT`; returns the list of results."""
+    from hyperiqa_jax import checkpointing
+    from hyperiqa_jax.scoring import QualityModel
+
+    manager_dir, _ = checkpointing.find_checkpoint(checkpoint)
+    workdir = manager_dir.parent if manager_dir.name in (checkpointing.BEST_DIR,
+                                                         checkpointing.LATEST_DIR) else None
+    out = Path(out or (workdir / "eval" if workdir else "eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = QualityModel.from_checkpoint(checkpoint, batch_size=batch_size,
+                                         protocol=protocol or None, num_crops=num_crops)
+    if protocol is None:
+        model = QualityModel.from_checkpoint(
+            checkpoint, batch_size=batch_size, protocol=model.config.data.eval_protocol,
+            num_crops=num_crops)
+    results = []
+    for arg in data_args:
+        name, split, root = parse_data_arg(arg)
+        result, pred, mos, att = evaluate_dataset(model, name, split, root)
+        result["checkpoint"] = model.source
+        tag = f"{name}_{split}".replace(":", "_").replace("/", "_")
+        if len(pred) > 1:
+            plot_scatter(pred, mos, result, out / f"scatter_{tag}.png")
+        if att is not None and len(pred) >= bins:
+            plot_attention_by_bin(att, mos, name, out / f"attention_{tag}.png", bins)
+        results.append(result)
+        print(f"{name} ({split}): {result['num_images']} images, SRCC {_fmt(result['srcc'])} "
+              f"PLCC {_fmt(result['plcc'])}", file=sys.stderr)
+    if workdir is not None and (workdir / "metrics.jsonl").exists():
+        plot_training_curves(workdir / "metrics.jsonl", out / "training_curves.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "results.md").write_text(markdown_table(results) + "\n")
+    return results
+
+
+def _json_default(x):
+    return float(x) if isinstance(x, (np.floating, np.integer)) else str(x)
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    quiet_library_logs()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.checkpoint or not FLAGS.data:
+        raise app.UsageError("--checkpoint and at least one --data NAME[:SPLIT]=ROOT are needed")
+    try:
+        results = run(FLAGS.checkpoint, FLAGS.data, out=FLAGS.out, protocol=FLAGS.protocol,
+                      num_crops=FLAGS.num_crops, batch_size=FLAGS.batch_size,
+                      bins=FLAGS.quality_bins)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,57 @@
+"""evaluate: per-data-set table, JSON, figures on a tiny generated data set."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hyperiqa_jax import evaluate
+from tests import train_utils
+
+REPO = Path(__file__).resolve().parents[1]
+train_utils.enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("run")
+    train_utils.save_init_checkpoint(wd, train_utils.tiny_config(name="manifest"))
+    rows = [{"step": s, "epoch": s / 10, "split": "train", "loss": 1.0 / s} for s in (1, 2, 3)]
+    rows.append({"step": 3, "epoch": 0.3, "split": "test", "srcc": 0.5, "plcc": 0.4})
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = train_utils.write_manifest_dataset(str(tmp_path_factory.mktemp("data")))
+    return wd, root
+
+
+def test_evaluate_tables_and_figures(setup):
+    wd, root = setup
+    results = evaluate.run(str(wd), [f"manifest:test={root}", f"manifest={root}"],
+                           protocol="grid")
+    assert [(r["split"], r["num_images"]) for r in results] == [("test", 8), ("all", 24)]
+    for r in results:
+        assert set(evaluate.COLUMNS) <= set(r)
+        assert -1 <= r["srcc"] <= 1 or np.isnan(r["srcc"])
+        assert r["failed_images"] == 0
+    out = wd / "eval"
+    table = (out / "results.md").read_text()
+    assert "| manifest | test | 8 |" in table
+    assert json.loads((out / "results.json").read_text())[1]["num_images"] == 24
+    for name in ("scatter_manifest_test.png", "attention_manifest_test.png",
+                 "scatter_manifest_all.png", "training_curves.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+
+def test_cli_and_bad_data_argument(setup, tmp_path):
+    wd, root = setup
+    proc = subprocess.run([sys.executable, "-m", "hyperiqa_jax.evaluate", "--checkpoint", str(wd),
+                           "--data", f"manifest:test={root}", "--protocol", "center",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| manifest | test | 8 |" in proc.stdout
+    assert json.loads((tmp_path / "results.json").read_text())[0]["crops_per_image"] == 1
+    with pytest.raises(ValueError, match="NAME"):
+        evaluate.parse_data_arg("manifest")

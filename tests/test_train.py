@@ -1,0 +1,209 @@
+"""Training loop: config errors, sharded step, loss falls, preemption + exact resume."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hyperiqa_jax import checkpointing, train
+from tests import train_utils
+
+REPO = Path(__file__).resolve().parents[1]
+train_utils.enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A cut-down demo data set: one train and one test reference of 56 px (= the crop)."""
+    from hyperiqa_jax.data import demo
+
+    root = tmp_path_factory.mktemp("demo")
+    demo.generate_demo_dataset(str(root), size=56,
+                               sources={"astronaut": (1, "train"), "camera": (1, "test")})
+    return str(root)
+
+
+def _config(root, **train_overrides):
+    c = train_utils.tiny_config(root=root)
+    c.train.update(train_overrides)
+    return c
+
+
+def _final_params(workdir, config):
+    manager_dir, step = checkpointing.find_checkpoint(Path(workdir) / "checkpoints")
+    from hyperiqa_jax.models import build_model
+    from hyperiqa_jax.scoring import abstract_checkpoint_state
+
+    abstract = abstract_checkpoint_state(build_model(config.model), config, "train")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+    return step, checkpointing.restore_state(manager_dir, step, target)
+
+
+# ---------------------------------------------------------------------------- config errors
+
+
+def test_unknown_config_key_is_rejected_with_a_suggestion():
+    c = train_utils.tiny_config()
+    with c.unlocked():
+        c.train.lrr = 1e-3
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr'.*'train.lr'"):
+        train.check_config(c)
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hyperiqa_jax.train", "--config=configs/demo.py",
+         f"--workdir={tmp_path}", "--config.train.lrr=0.1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")
+                                        if p.stem not in ("__init__", "common")))
+def test_every_config_passes_the_key_check(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    train.check_config(config)
+
+
+def test_missing_data_set_says_what_to_download(tmp_path):
+    c = train_utils.tiny_config()
+    c.data.name = "koniq10k"
+    c.data.root = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="koniq10k.*https://"):
+        train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
+def test_missing_pretrained_backbone_says_how_to_convert(tmp_path, demo_root):
+    c = _config(demo_root)
+    c.pretrained_backbone = str(tmp_path / "no_such_weights")
+    with pytest.raises(FileNotFoundError, match="weights_conversion.convert_timm"):
+        train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
+# ---------------------------------------------------------------------------- steps
+
+SHARDED_STEP = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType
+sys.path.insert(0, {repo!r})
+from tests import train_utils
+from hyperiqa_jax import optim, train
+from hyperiqa_jax.models import build_model
+train_utils.enable_compilation_cache()
+jax.config.update("jax_default_matmul_precision", "highest")
+assert jax.device_count() == 8, jax.devices()
+c = train_utils.tiny_config()
+train.check_config(c)
+model = build_model(c.model)
+tx = optim.make_optimizer(c.train, 10)
+init = lambda r: train.init_state(model, tx, c, r)
+abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+rng = np.random.default_rng(0)
+batch = {{"image": rng.normal(size=(8, 56, 56, 3)).astype(np.float32),
+          "score": rng.uniform(0, 100, 8).astype(np.float32)}}
+results = {{}}
+for n in (1, 8):
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    step, _, sh = train.compile_steps(model, tx, c, (50.0, 20.0), mesh, abstract)
+    state = jax.jit(init, out_shardings=sh["state"])(jax.random.PRNGKey(0))
+    with jax.set_mesh(mesh):
+        for _ in range(2):
+            state, m = step(state, jax.device_put(batch, sh["batch"]))
+    assert len(state["params"]["hyper"]["fc1_weight_conv"]["kernel"].sharding.device_set) == n
+    results[n] = (jax.device_get(state["params"]), jax.device_get(m))
+(p1, m1), (p8, m8) = results[1], results[8]
+diff = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8))
+scale = jax.tree.leaves(jax.tree.map(lambda a: float(np.max(np.abs(a))), p1))
+print(json.dumps({{"loss": [float(m1["loss"]), float(m8["loss"])],
+                  "grad_norm": [float(m1["grad_norm"]), float(m8["grad_norm"])],
+                  "max_param_diff": max(diff), "max_param": max(scale)}}))
+"""
+
+
+def test_sharded_step_over_8_devices_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_STEP.format(repo=str(REPO))], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
+    np.testing.assert_allclose(r["grad_norm"][0], r["grad_norm"][1], rtol=1e-4)
+    # Two AdamW steps at lr 1e-3 move parameters by ~2e-3; the 8-way reduction order
+    # may only change them at the float32 rounding level.
+    assert r["max_param_diff"] < 1e-5, r
+
+
+def test_loss_falls_on_demo_data(tmp_path, demo_root):
+    """From random init the training loss falls (fitting the 24 training images)."""
+    c = _config(demo_root, epochs=20, lr=1e-3, eval_every_epochs=100, warmup_steps=5)
+    c.model.dropout = 0.0
+    c.model.drop_path_rate = 0.0
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert len(losses) == 120
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.75 * first, (first, last)
+    assert summary["stop_reason"] == "completed"
+    assert (tmp_path / "summary.json").exists()
+    assert list(tmp_path.glob("tb/events.out.tfevents.*"))
+    tests = [r for r in rows if r["split"] == "test"]
+    assert tests and {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(tests[-1])
+
+
+def test_sigterm_checkpoint_then_resume_is_bit_identical(tmp_path, demo_root, monkeypatch):
+    """6 steps straight == 3 steps, SIGTERM, restart, 3 more steps (params bit-identical)."""
+    k = 3
+    straight = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "a"))
+    assert straight["step"] == 2 * k
+
+    calls = {"n": 0}
+    to_global = train.to_global
+
+    def to_global_then_sigterm(batch, sharding):
+        calls["n"] += 1
+        if calls["n"] == k:  # arrives during step k: saved at its end, then exit
+            os.kill(os.getpid(), signal.SIGTERM)
+        return to_global(batch, sharding)
+
+    monkeypatch.setattr(train, "to_global", to_global_then_sigterm)
+    first = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
+    monkeypatch.setattr(train, "to_global", to_global)
+    assert first["stop_reason"].startswith("preempted") and first["step"] == k
+    second = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
+    assert second["start_step"] == k and second["step"] == 2 * k
+
+    c = _config(demo_root)
+    train.check_config(c)
+    step_a, state_a = _final_params(tmp_path / "a", c)
+    step_b, state_b = _final_params(tmp_path / "b", c)
+    assert step_a == step_b == 2 * k
+    same = jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))),
+                        state_a, state_b)
+    assert all(jax.tree.leaves(same)), "resumed run differs from the straight run"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_root, monkeypatch):
+    wd = str(tmp_path)
+    train.train_and_evaluate(_config(demo_root, max_steps=2), wd)
+    monkeypatch.setattr(train, "score_loss", lambda pred, target, tc: jnp.mean(pred) * jnp.nan)
+    with pytest.raises(FloatingPointError, match="non-finite training loss.*step 2"):
+        train.train_and_evaluate(_config(demo_root, max_steps=6), wd)
+    c = _config(demo_root)
+    train.check_config(c)
+    step, state = _final_params(wd, c)
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
