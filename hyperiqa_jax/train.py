@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hyperiqa_jax import checkpointing, data, metrics, optim
+from hyperiqa_jax import checkpointing, data, distributed, metrics, optim
 from hyperiqa_jax import models as models_lib
 from hyperiqa_jax.logs import quiet_library_logs
 
@@ -381,7 +381,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run_meta = {"best_srcc": None, "best_step": None, "evals_since_best": 0}
     if resume_step is not None:
         target = checkpointing.with_shardings(abstract_state, shardings["state"])
-        state, meta = ckpt.restore(resume_step, target, train_iter)
+        # The grain iterator state is saved per process; a checkpoint from another
+        # process count has none for this layout, so the data position is rebuilt
+        # from the step count (skip that many batches of this process's stream).
+        iter_file = (Path(str(ckpt.latest.directory)) / str(resume_step) / "data_iter" /
+                     f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        same_layout = iter_file.exists()
+        state, meta = ckpt.restore(resume_step, target, train_iter if same_layout else None)
+        if not same_layout:
+            _log(f"Checkpoint written by another process count: skipping {resume_step} "
+                 "batches of the input to its position")
+            for _ in range(resume_step):
+                next(train_iter)
         run_meta.update({k: meta.get(k, v) for k, v in run_meta.items()})
         label_stats_saved = tuple(meta["label_mean_std"])
         if not np.allclose(label_stats_saved, label_stats):
@@ -551,6 +562,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    distributed.initialize()  # multi-host start-up, before anything touches a device
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

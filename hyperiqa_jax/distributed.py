@@ -1,0 +1,187 @@
+"""Multi-host start-up: one `initialize()` for TPU pods, SLURM, explicit clusters and one process.
+
+Every process of a job runs the same command; `initialize()` must run before
+anything touches a JAX device. Where the cluster settings come from, first match
+wins:
+
+1. explicit: `--coordinator_address`/`--num_processes`/`--process_id` flags or the
+   arguments of `initialize()`, else the environment variables
+   JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
+   JAX_PROCESS_ID (launch/local_cluster.sh sets these);
+2. SLURM: an `srun` step with more than one task (SLURM_NTASKS, SLURM_PROCID,
+   SLURM_LOCALID, SLURM_STEP_NODELIST); the coordinator is the first node;
+3. TPU: a Cloud TPU VM (libtpu installed or TPU_* variables set) ->
+   `jax.distributed.initialize()` asks the TPU metadata for the pod layout;
+4. otherwise one process: nothing to start.
+
+A second call returns at once (it is safe in tests and in library code that
+cannot know whether its caller already started the cluster).
+"""
+
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+
+import jax
+from absl import flags
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process runs off TPU/SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+# Variables whose presence means a Cloud TPU VM (set on TPU VMs and GKE TPU pods).
+TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "TPU_NAME")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How this process joins the job: `kind` and the arguments for jax.distributed."""
+
+    kind: str  # "explicit", "slurm", "tpu" or "single"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _int(value, name):
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def slurm_coordinator(env):
+    """First host of the step's node list, port derived from the job id (as JAX does)."""
+    nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    # 'node001', 'node001,node002', 'node[001-004,007],other' -> 'node001'.
+    first = nodes.split(",")[0]
+    if "[" in first:
+        prefix, _, rest = nodes.partition("[")
+        first = prefix + re.split(r"[,\-\]]", rest)[0]
+    port = int(env.get("SLURM_JOB_ID", "0")) % 4096 + 61440  # the ephemeral range's top 4096
+    return f"{first}:{port}"
+
+
+def _slurm_local_devices(env):
+    """One process per GPU: this task's GPU, unless SLURM already hid the others."""
+    tasks = int(env["SLURM_NTASKS"])
+    nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if tasks // max(nodes, 1) <= 1 or (visible and "," not in visible):
+        return None  # one process per node (all its GPUs), or --gpus-per-task=1
+    return (int(env["SLURM_LOCALID"]),)
+
+
+def on_tpu_vm(env):
+    return (any(v in env for v in TPU_ENV_VARS)
+            or importlib.util.find_spec("libtpu") is not None)
+
+
+def plan(coordinator_address=None, num_processes=None, process_id=None, local_device_ids=None,
+         env=None):
+    """Decides how to start (pure: arguments and `env` in, a Plan out)."""
+    env = os.environ if env is None else env
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _int(env.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _int(env.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
+    if isinstance(local_device_ids, int):
+        local_device_ids = (local_device_ids,)
+    elif local_device_ids is not None:
+        local_device_ids = tuple(local_device_ids)
+
+    if coordinator_address or num_processes is not None or process_id is not None:
+        if num_processes == 1:
+            return Plan("single")
+        missing = [name for name, v in (("coordinator address", coordinator_address),
+                                        ("process count", num_processes),
+                                        ("process id", process_id)) if v is None]
+        if missing:
+            raise ValueError(
+                f"multi-process start-up needs the coordinator address, the process count and "
+                f"this process's id; missing: {', '.join(missing)} (flags --coordinator_address "
+                "--num_processes --process_id or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                "JAX_PROCESS_ID)")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process id {process_id} not in [0, {num_processes})")
+        return Plan("explicit", coordinator_address, num_processes, process_id, local_device_ids)
+
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+        return Plan("slurm", slurm_coordinator(env), int(env["SLURM_NTASKS"]),
+                    int(env["SLURM_PROCID"]),
+                    local_device_ids if local_device_ids is not None
+                    else _slurm_local_devices(env))
+
+    if on_tpu_vm(env):
+        return Plan("tpu")
+    return Plan("single")
+
+
+def _flag(holder):
+    """A flag's value, or None when absl has not parsed the command line (library use)."""
+    return holder.value if flags.FLAGS.is_parsed() else None
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None,
+               local_device_ids=None, initialization_timeout=300):
+    """Joins this process to the job (see the module docstring); returns the topology dict.
+
+    Returns early, without logging again, when jax.distributed is already running.
+    A peer that never arrives makes this raise after `initialization_timeout` seconds.
+    """
+    if jax.distributed.is_initialized():
+        return topology()
+    p = plan(coordinator_address or _flag(_COORDINATOR),
+             num_processes if num_processes is not None else _flag(_NUM_PROCESSES),
+             process_id if process_id is not None else _flag(_PROCESS_ID),
+             local_device_ids)
+    timeout = _int(os.environ.get("JAX_INITIALIZATION_TIMEOUT"), "JAX_INITIALIZATION_TIMEOUT")
+    timeout = timeout or initialization_timeout
+    if p.kind == "tpu":
+        jax.distributed.initialize(initialization_timeout=timeout)
+    elif p.kind in ("explicit", "slurm"):
+        # XLA aborts the process (no Python exception) when peers do not all arrive in
+        # time, so say beforehand what this process waits for.
+        print(f"[distributed] process {p.process_id} of {p.num_processes} joining "
+              f"{p.coordinator_address} ({p.kind}); a missing peer aborts this after "
+              f"{timeout}s", file=sys.stderr, flush=True)
+        try:
+            jax.distributed.initialize(
+                coordinator_address=p.coordinator_address, num_processes=p.num_processes,
+                process_id=p.process_id,
+                local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
+                initialization_timeout=timeout)
+        except Exception as e:  # XLA's errors say "DEADLINE_EXCEEDED"; say what it means.
+            raise RuntimeError(
+                f"process {p.process_id} could not join the {p.num_processes}-process job at "
+                f"{p.coordinator_address} within {timeout}s: is every process started with "
+                f"the same address and process count, and is process 0 reachable? ({e})") from e
+    info = topology(p.kind)
+    _log_topology(info)
+    return info
+
+
+def topology(kind=None):
+    """This process's view of the job (a plain dict, for logs and tests)."""
+    local = jax.local_devices()
+    return {"kind": kind, "process_index": jax.process_index(),
+            "process_count": jax.process_count(), "local_device_count": len(local),
+            "device_count": jax.device_count(), "platform": local[0].platform,
+            "device_kind": local[0].device_kind, "local_device_ids": [d.id for d in local]}
+
+
+def _log_topology(info):
+    # Every host logs its own line (hosts keep separate logs); process 0 adds the total.
+    print(f"[distributed] process {info['process_index']}/{info['process_count']} "
+          f"({info['kind']}): {info['local_device_count']} local {info['device_kind']} "
+          f"device(s) {info['local_device_ids']}", file=sys.stderr, flush=True)
+    if info["process_index"] == 0:
+        print(f"[distributed] {info['device_count']} {info['platform']} device(s) in "
+              f"{info['process_count']} process(es)", file=sys.stderr, flush=True)
