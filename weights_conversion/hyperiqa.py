@@ -255,16 +255,10 @@ def reference_to_variables(state_dict: Mapping, model_config) -> dict:
 
     # A mismatched parameter is reported once, not also as missing.
     missing = ["/".join(p) for p in expected if p not in flat and p not in mismatched_paths]
-    if unknown or missing or mismatched:
-        lines = [f"checkpoint does not match the model of this config "
-                 f"(backbone {model_config.backbone}, multi_scale {model_config.multi_scale}, "
-                 f"attention {model_config.attention}):"]
-        for title, items in (("unknown keys", unknown), ("missing parameters", missing),
-                             ("shape mismatches", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)[:50])
-                             + (" ..." if len(items) > 50 else ""))
-        raise ConversionError("\n".join(lines))
+    ConversionError.check(
+        f"the model of this config (backbone {model_config.backbone}, multi_scale "
+        f"{model_config.multi_scale}, attention {model_config.attention})",
+        unknown, missing, mismatched)
     return traverse_util.unflatten_dict(flat)
 
 

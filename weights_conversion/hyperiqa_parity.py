@@ -26,6 +26,7 @@ from hyperiqa_jax.models import RESNET_BACKBONES, build_model
 from weights_conversion import hyperiqa as conversion
 from weights_conversion import swin as swin_conversion
 from weights_conversion.torch_reference import HyperIQAReference, calibrate_scores, perturb
+from weights_conversion.validate_parity import difference
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -43,15 +44,6 @@ def make_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
         image = image + rng.randn(size, size, 3) * 0.04 * (1 + i)
         images.append(np.clip(image, 0.0, 1.0))
     return ((np.stack(images) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-
-
-def difference(got, expected) -> dict:
-    a = np.asarray(got, np.float64)
-    b = np.asarray(expected, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: jax {a.shape} vs torch {b.shape}")
-    abs_diff = np.abs(a - b)
-    return {"max_abs": float(abs_diff.max()), "ref_max_abs": float(np.abs(b).max())}
 
 
 def _nhwc(tensor) -> np.ndarray:

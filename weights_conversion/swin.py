@@ -32,6 +32,19 @@ IGNORED = re.compile(r"(relative_position_index|attn_mask)$|^head\b|^norm\.")
 class ConversionError(ValueError):
     """A checkpoint does not fit the model; the message lists what does not."""
 
+    @classmethod
+    def check(cls, what: str, unknown, missing, mismatched) -> None:
+        """Raises one error listing every unknown key, missing parameter and shape mismatch."""
+        if not (unknown or missing or mismatched):
+            return
+        lines = [f"checkpoint does not match {what}:"]
+        for title, items in (("unknown keys", unknown), ("missing parameters", missing),
+                             ("shape mismatches", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)[:50])
+                             + (" ..." if len(items) > 50 else ""))
+        raise cls("\n".join(lines))
+
 
 def to_numpy(value) -> np.ndarray:
     """A torch tensor or array-like -> float32/int numpy array (torch is optional)."""
@@ -140,14 +153,8 @@ def convert_state_dict(state_dict: Mapping, name: str | SwinTransformer, **overr
             continue
         converted[path] = array.astype(np.float32)
     missing = ["/".join(p) for p in expected if p not in converted and p not in mismatched_paths]
-    if unknown or missing or mismatched:
-        lines = [f"checkpoint does not match {getattr(model, 'name', None) or name}:"]
-        for title, items in (("unknown keys", unknown), ("missing parameters", missing),
-                             ("shape mismatches", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)[:50])
-                             + (" ..." if len(items) > 50 else ""))
-        raise ConversionError("\n".join(lines))
+    ConversionError.check(getattr(model, "name", None) or str(name), unknown, missing,
+                          mismatched)
     return traverse_util.unflatten_dict(converted)
 
 

@@ -24,18 +24,6 @@ from weights_conversion import swin as swin_conversion
 DEFAULT_TOLERANCE = 1e-4
 
 
-def perturb_torch_model(model, seed: int = 0, scale: float = 0.05) -> None:
-    """Moves every parameter away from its init (LayerNorm 1/0, zero biases), reproducibly.
-
-    Without this, a swapped scale/bias or a missing bias would go unseen.
-    """
-    import torch
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-
-
 def difference(jax_value, torch_value) -> dict:
     a = np.asarray(jax_value, np.float64)
     b = np.asarray(torch_value, np.float64)
@@ -52,7 +40,7 @@ def swin_parity(name: str, *, checkpoint: str | None = None, state_dict=None, ba
     """Per-stage differences between timm and the converted JAX Swin on random images.
 
     Weights: `state_dict`, else the file `checkpoint`, else seeded random timm
-    weights moved away from their init (`perturb_torch_model`).
+    weights moved away from their init (`torch_reference.perturb`).
     """
     import timm
     import torch
@@ -63,7 +51,8 @@ def swin_parity(name: str, *, checkpoint: str | None = None, state_dict=None, ba
     if state_dict is None and checkpoint:
         state_dict = swin_conversion.load_state_dict_file(checkpoint)
     if state_dict is None:
-        perturb_torch_model(timm_model, seed)
+        from weights_conversion.torch_reference import perturb
+        perturb(timm_model, seed)
         state_dict = timm_model.state_dict()
     else:  # Run timm on the same weights the JAX model gets.
         timm_model.load_state_dict(_timm_features_state_dict(state_dict))
