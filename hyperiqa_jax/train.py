@@ -489,7 +489,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if bar is not None:
                 bar.update(1)
 
-            do_eval = ((epoch_end and (step // steps_per_epoch) % tc.eval_every_epochs == 0)
+            do_eval = ((epoch_end and tc.eval_every_epochs
+                        and (step // steps_per_epoch) % tc.eval_every_epochs == 0)
                        or (tc.eval_every_steps and step % tc.eval_every_steps == 0)
                        or step == total_steps)
             if do_eval:

@@ -2,16 +2,21 @@
 
 Content: the photographs bundled inside scikit-image (no download), several
 256x256 reference crops per photo. Distortions: six types at four graded levels
-(Gaussian blur, Gaussian noise, JPEG, contrast reduction, colour saturation
-change, pixelation). Label: SSIM x 100 of the distorted image (as saved and
-decoded again) against its pristine reference, with the standard settings of
-Wang et al. 2004 (Gaussian window sigma 1.5, K1 0.01, K2 0.03, on the RGB
-channels, averaged). SSIM is a well-studied full-reference measure, bounded,
-monotone in each distortion's strength and comparable across types, so a
-no-reference model can learn to predict it from the distorted image alone.
+(Gaussian blur, Gaussian noise, JPEG, contrast reduction, darkening,
+pixelation), spread from barely visible to severe so that the level, not the
+content, decides most of the label (v1 used narrower levels and a saturation
+change, which leaves the many greyscale photos untouched).
+
+Label: SSIM x 100 of the distorted image (as saved and decoded again) against
+its pristine reference, with the standard settings of Wang et al. 2004
+(Gaussian window sigma 1.5, K1 0.01, K2 0.03, on the RGB channels, averaged).
+SSIM is a well-studied full-reference measure, bounded, monotone in each
+distortion's strength and comparable across types, so a no-reference model
+can learn to predict it from the distorted image alone.
 
 Split: by source photograph (all crops of a photo fall in the same split), so
-test content is unseen in training. Files: ``manifest.csv`` (columns path,
+test content is unseen in training; both splits mix greyscale and colour,
+smooth and textured photos. Files: ``manifest.csv`` (columns path,
 score, ref, split, distortion, level, source), ``refs/*.png``, ``images/*.jpg``.
 
 Everything is deterministic (fixed noise seeds, fixed crop positions); images
@@ -32,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageFilter
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 REF_SIZE = 256
 LEVELS = 4
 # Bundled photographs (skimage.data name -> (max reference crops, split)). Those
@@ -40,29 +45,29 @@ LEVELS = 4
 SOURCES = {
     "astronaut": (4, "train"),
     "coffee": (3, "train"),
-    "rocket": (3, "train"),
+    "rocket": (3, "test"),
     "hubble_deep_field": (4, "train"),
-    "immunohistochemistry": (4, "train"),
+    "immunohistochemistry": (4, "test"),
     "retina": (4, "train"),
     "motorcycle": (4, "train"),
     "camera": (4, "train"),
     "brick": (2, "train"),
-    "grass": (2, "train"),
-    "coins": (1, "test"),
+    "grass": (2, "test"),
+    "coins": (1, "train"),
     "clock": (1, "test"),
     "cell": (2, "train"),
     "chelsea": (2, "test"),
-    "moon": (3, "test"),
-    "gravel": (2, "test"),
+    "moon": (3, "train"),
+    "gravel": (2, "train"),
     "page": (1, "test"),
 }
-DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "saturation", "pixelate")
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "darken", "pixelate")
 
 
 def default_cache_dir() -> str:
     base = os.environ.get("HYPERIQA_JAX_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "hyperiqa_jax")
-    return os.path.join(base, "demo")
+    return os.path.join(base, f"demo-v{DEMO_VERSION}")  # a new design never reuses an old cache
 
 
 def _load_source(name: str) -> np.ndarray:
@@ -117,25 +122,21 @@ def distort(img: np.ndarray, kind: str, level: int, seed: int) -> np.ndarray:
     """Distortion `kind` at `level` (1 = mild ... LEVELS = strong) of a uint8 RGB image."""
     f = img.astype(np.float32)
     if kind == "blur":
-        radius = [0.8, 1.5, 2.5, 4.0][level - 1]
+        radius = [0.5, 1.2, 2.5, 5.0][level - 1]
         return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
     if kind == "noise":
-        sigma = [6.0, 14.0, 25.0, 40.0][level - 1]
+        sigma = [4.0, 12.0, 30.0, 70.0][level - 1]
         noise = np.random.default_rng(seed).normal(0.0, sigma, img.shape).astype(np.float32)
         out = f + noise
     elif kind == "jpeg":
-        return _jpeg_roundtrip(img, [40, 20, 10, 4][level - 1])
+        return _jpeg_roundtrip(img, [50, 20, 8, 3][level - 1])
     elif kind == "contrast":
-        alpha = [0.75, 0.55, 0.38, 0.22][level - 1]
+        alpha = [0.8, 0.55, 0.3, 0.12][level - 1]
         out = (f - f.mean()) * alpha + f.mean()
-    elif kind == "saturation":
-        factor = [0.5, 0.0, 2.2, 3.5][level - 1]  # desaturate, grey, oversaturate x2
-        grey = f @ np.array([0.299, 0.587, 0.114], np.float32)
-        out = grey[..., None] + (f - grey[..., None]) * factor
-        if factor == 0.0:  # grey photos do not change: darken too so the level means something
-            out = out * 0.8
+    elif kind == "darken":  # unlike a saturation change, it affects greyscale photos too
+        out = f * [0.85, 0.65, 0.45, 0.25][level - 1]
     elif kind == "pixelate":
-        factor = [2, 3, 5, 8][level - 1]
+        factor = [2, 3, 6, 12][level - 1]
         h, w = img.shape[:2]
         small = Image.fromarray(img).resize((max(1, w // factor), max(1, h // factor)), Image.BOX)
         return np.asarray(small.resize((w, h), Image.NEAREST))
@@ -199,8 +200,8 @@ def generate_demo_dataset(out_dir: str, *, sources: dict | None = None, size: in
 def ensure_demo_dataset(cache_dir: str | None = None) -> str:
     """The demo data set's root folder (holding manifest.csv), generating it if needed.
 
-    cache_dir: where it lives; default $HYPERIQA_JAX_CACHE/demo, else
-    ~/.cache/hyperiqa_jax/demo. Generated once (about 20 s on 2 cores) into a
+    cache_dir: where it lives; default $HYPERIQA_JAX_CACHE/demo-v<version>, else
+    ~/.cache/hyperiqa_jax/demo-v<version>. Generated once (about 20 s on 2 cores) into a
     temporary folder and moved into place, so concurrent callers are safe.
     Read it with load_records('demo', root, split) (or 'manifest').
     """

@@ -38,11 +38,13 @@ def test_generation_is_deterministic_and_split_by_reference(tmp_path):
 
 
 def test_distortions_graded():
-    ref = demo._reference_crops(demo._load_source("astronaut"), 1, 96)[0]
-    for kind in demo.DISTORTIONS:
-        s = [demo.ssim_score(ref, demo.distort(ref, kind, lv, seed=0)) for lv in (1, 4)]
-        assert s[1] < s[0] < 100.0 + 1e-6, kind
-        assert demo.distort(ref, kind, 2, seed=0).dtype == np.uint8
+    # Every distortion must also degrade greyscale photos (camera), not only colour ones.
+    for src in ("astronaut", "camera"):
+        ref = demo._reference_crops(demo._load_source(src), 1, 96)[0]
+        for kind in demo.DISTORTIONS:
+            s = [demo.ssim_score(ref, demo.distort(ref, kind, lv, seed=0)) for lv in (1, 4)]
+            assert s[1] < s[0] < 100.0 + 1e-6 and s[1] < 95.0, (src, kind)
+            assert demo.distort(ref, kind, 2, seed=0).dtype == np.uint8
 
 
 def test_ensure_demo_dataset_caches(tmp_path, monkeypatch):
@@ -57,7 +59,7 @@ def test_ensure_demo_dataset_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "generate_demo_dataset", small)
     monkeypatch.setenv("HYPERIQA_JAX_CACHE", str(tmp_path / "cache"))
     root = demo.ensure_demo_dataset()
-    assert root == str(tmp_path / "cache" / "demo")
+    assert root == str(tmp_path / "cache" / f"demo-v{demo.DEMO_VERSION}")
     assert os.path.isfile(os.path.join(root, "manifest.csv"))
     assert demo.ensure_demo_dataset() == root and len(calls) == 1
     assert len(load_records("demo", root, "all")) == 4
