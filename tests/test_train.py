@@ -105,7 +105,6 @@ train_utils.enable_compilation_cache()
 jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 8, jax.devices()
 c = train_utils.tiny_config()
-c.train.lr, c.train.lr_ratio = 1e-3, 1.0  # pinned: independent of the demo recipe
 train.check_config(c)
 model = build_model(c.model)
 tx = optim.make_optimizer(c.train, 10)
