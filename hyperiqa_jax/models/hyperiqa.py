@@ -36,6 +36,19 @@ def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+def mean_pool(x, window: tuple[int, int]):
+    """Non-overlapping average pooling, VALID (floor) like PyTorch's AvgPool2d.
+
+    A reshape and mean rather than `nn.avg_pool`: XLA:CPU runs reduce-window
+    and its gradient far slower than a plain reduction.
+    """
+    b, h, w, c = x.shape
+    wh, ww = window
+    oh, ow = h // wh, w // ww
+    x = x[:, :oh * wh, :ow * ww]
+    return x.reshape(b, oh, wh, ow, ww, c).mean(axis=(2, 4))
+
+
 def adaptive_avg_pool(x, output_size: tuple[int, int]):
     """PyTorch `adaptive_avg_pool2d` on an NHWC map, also for sizes that do not divide.
 
@@ -46,8 +59,7 @@ def adaptive_avg_pool(x, output_size: tuple[int, int]):
     if (h, w) == (oh, ow):
         return x
     if h % oh == 0 and w % ow == 0:  # plain average pooling, as PyTorch computes it.
-        window = (h // oh, w // ow)
-        return nn.avg_pool(x, window, strides=window)
+        return mean_pool(x, (h // oh, w // ow))
     rows = jnp.asarray(_adaptive_pool_matrix(h, oh), x.dtype)
     cols = jnp.asarray(_adaptive_pool_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols)
@@ -69,7 +81,7 @@ class LocalDistortionAware(nn.Module):
                 x = nn.Conv(self.conv_widths[i], (1, 1), use_bias=False, dtype=self.dtype,
                             name=f"conv_{i}")(x)
             # PyTorch AvgPool2d(7, stride=7) floors, like VALID padding.
-            x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+            x = mean_pool(x, (self.pool, self.pool))
             parts.append(nn.Dense(out_size, dtype=self.dtype, name=f"fc_{i}")(nchw_flatten(x)))
         return jnp.concatenate(parts, axis=-1)
 

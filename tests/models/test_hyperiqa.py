@@ -16,6 +16,7 @@ from hyperiqa_jax.models.hyperiqa import (
     BatchedTargetNetwork,
     TargetNetwork,
     adaptive_avg_pool,
+    mean_pool,
     nchw_flatten,
 )
 
@@ -60,6 +61,15 @@ def test_adaptive_avg_pool_matches_pytorch(in_hw, out_hw):
     got = adaptive_avg_pool(jnp.asarray(x), out_hw)
     np.testing.assert_allclose(np.asarray(got), expected.permute(0, 2, 3, 1).numpy(),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(56, 56), (28, 28), (64, 64), (9, 15)])
+def test_mean_pool_matches_pytorch_avg_pool(hw):
+    # LDA's AvgPool2d(7, stride=7): floor division drops the remainder rows/columns.
+    x = np.random.RandomState(1).randn(2, *hw, 3).astype(np.float32)
+    expected = F.avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 7, stride=7)
+    got = mean_pool(jnp.asarray(x), (7, 7))
+    np.testing.assert_allclose(np.asarray(got), expected.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
 def test_nchw_flatten_is_pytorch_view_order():

@@ -105,3 +105,34 @@ def test_shifted_window_mask_matches_closed_form():
     cols = np.arange(7)[None, :].repeat(7, 0).reshape(-1) >= 4
     region = rows * 2 + cols
     np.testing.assert_array_equal(mask[3], np.where(region[:, None] == region[None], 0, -100))
+
+
+def test_layer_norm_and_gelu_match_pytorch():
+    import torch
+
+    rng = np.random.RandomState(0)
+    x = (rng.randn(2, 5, 7, 16) * 3 + 1).astype(np.float32)
+    scale, bias = rng.randn(16).astype(np.float32), rng.randn(16).astype(np.float32)
+    got = swin.LayerNorm().apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (16,), torch.from_numpy(scale),
+                                              torch.from_numpy(bias), eps=1e-5)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=2e-5)
+
+    mlp = swin.Mlp(hidden_dim=16)
+    params = mlp.init(jax.random.key(0), jnp.asarray(x))["params"]
+    hidden = jnp.asarray(x) @ params["fc1"]["kernel"] + params["fc1"]["bias"]
+    got_gelu = (mlp.apply({"params": params}, jnp.asarray(x)) - params["fc2"]["bias"])
+    expected_gelu = torch.nn.functional.gelu(torch.from_numpy(np.asarray(hidden))).numpy()
+    np.testing.assert_allclose(np.asarray(got_gelu),
+                               expected_gelu @ np.asarray(params["fc2"]["kernel"]), atol=1e-4)
+
+
+def test_materialize_grad_is_the_identity_for_values_and_gradients():
+    x = jnp.asarray(np.random.RandomState(0).randn(3, 4), jnp.float32)
+    f = lambda v: jnp.sum(jnp.sin(v) * v)
+    np.testing.assert_array_equal(swin.materialize_grad(x), x)
+    np.testing.assert_array_equal(jax.grad(lambda v: f(swin.materialize_grad(v)))(x),
+                                  jax.grad(f)(x))
+    # A NaN in the incoming gradient's first element makes the whole gradient NaN.
+    g = jax.vjp(swin.materialize_grad, x)[1](x.at[0, 0].set(jnp.nan))[0]
+    assert bool(jnp.isnan(g).all())
