@@ -10,6 +10,7 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
    PLCC, the wall time, and where the figures and checkpoints are.
 """
 
+import math
 import shutil
 import sys
 import time
@@ -61,8 +62,12 @@ def run_demo(config, workdir, restart=False):
     print()
     print(evaluate.markdown_table(results))
     print()
-    print(f"Demo: test SRCC {r['srcc']:.4f}, PLCC {r['plcc']:.4f} on {r['num_images']} images of "
-          f"unseen photographs (step {summary['step']}).")
+    if r["srcc"] is not None and math.isfinite(r["srcc"]):
+        print(f"Demo: test SRCC {r['srcc']:.4f}, PLCC {r['plcc']:.4f} on {r['num_images']} images "
+              f"of unseen photographs (step {summary['step']}).")
+    else:  # a constant prediction has no rank correlation
+        print(f"Demo: test SRCC and PLCC undefined: the model gives all {r['num_images']} test "
+              f"images the same score (step {summary['step']}); it has not learned.")
     print(f"Wall time {wall:.0f}s: data {t_data:.0f}s, training {t_train:.0f}s, "
           f"evaluation {time.time() - t1:.0f}s. Figures in {workdir / 'eval'}; score your own "
           f"images with: python -m hyperiqa_jax.predict --checkpoint {workdir} PATH...")

@@ -207,3 +207,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_roo
     step, state = _final_params(wd, c)
     assert step == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_demo_entry_point_runs_end_to_end(tmp_path, demo_root, capsys):
+    from hyperiqa_jax import demo
+
+    c = _config(demo_root, epochs=1, eval_every_epochs=1)
+    result = demo.run_demo(c, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "[3/3]" in out and "Demo: test SRCC" in out and "Wall time" in out
+    assert result["summary"]["step"] > 0 and result["results"][0]["num_images"] > 0
