@@ -70,10 +70,6 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _layer_norm(name, dtype):
-    return LayerNorm(dtype=dtype, name=name)
-
-
 def relative_position_index(window: tuple[int, int]) -> np.ndarray:
     """[N, N] index into the bias table: (dy + wh - 1) * (2 ww - 1) + (dx + ww - 1)."""
     wh, ww = window
@@ -233,7 +229,7 @@ class SwinBlock(nn.Module):
         window, shift = stage_window((h, w), self.window_size, self.shifted)
         x = materialize_grad(x)
 
-        y = _layer_norm("norm1", self.dtype)(x)
+        y = LayerNorm(dtype=self.dtype, name="norm1")(x)
         if any(shift):
             y = jnp.roll(y, (-shift[0], -shift[1]), axis=(1, 2))
         pad_h, pad_w = (-h) % window[0], (-w) % window[1]
@@ -248,7 +244,7 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + DropPath(self.drop_path)(y, train)
 
-        y = _layer_norm("norm2", self.dtype)(x)
+        y = LayerNorm(dtype=self.dtype, name="norm2")(x)
         y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
         return x + DropPath(self.drop_path)(y, train)
 
@@ -268,7 +264,7 @@ class PatchMerging(nn.Module):
         # [B, H/2, dy, W/2, dx, C] -> [B, H/2, W/2, dx, dy, C]: dy varies fastest.
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
         x = x.reshape(b, h // 2, w // 2, 4 * c)
-        x = _layer_norm("norm", self.dtype)(x)
+        x = LayerNorm(dtype=self.dtype, name="norm")(x)
         return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
 
 
@@ -282,7 +278,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     name="proj")(x)
-        return _layer_norm("norm", self.dtype)(x)
+        return LayerNorm(dtype=self.dtype, name="norm")(x)
 
 
 class SwinStage(nn.Module):
