@@ -46,7 +46,7 @@ TRAIN_DEFAULTS = dict(
     loss="l1",               # "l1" or "smooth_l1" (Huber with delta 1 on the target scale).
 )
 # Model keys build_model reads with defaults (not in configs/common.py).
-OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout")
+OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout", "small_target_init")
 
 DOWNLOAD_HINT = (
     "Converted backbone weights are an Orbax params directory. Download the timm "

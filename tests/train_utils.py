@@ -42,6 +42,7 @@ def tiny_config(root="", name="demo"):
     t.checkpoint_every_steps = 1000
     # Pinned, so the tests' tolerances do not move when the demo recipe is tuned.
     m.attention = "channel"
+    m.small_target_init = False
     t.lr, t.lr_ratio = 3e-4, 10.0
     t.loss, t.ranking_loss_weight = "smooth_l1", 0.5
     t.eval_every_epochs = 1

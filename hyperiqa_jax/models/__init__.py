@@ -28,7 +28,8 @@ def build_model(model_config) -> HyperIQA:
     """HyperIQA for a `configs/common.py` model_config.
 
     Optional fields read with defaults: `attention_dropout` (scale attention's
-    dropout, 0.5 as released) and `hyper_feature_widths`.
+    dropout, 0.5 as released), `hyper_feature_widths` and `small_target_init`
+    (see `HyperNetwork`).
     """
     kind = "resnet" if model_config.backbone in RESNET_BACKBONES else "swin"
     widths = model_config.get("hyper_feature_widths", None) or HYPER_FEATURE_WIDTHS[kind]
@@ -43,6 +44,7 @@ def build_model(model_config) -> HyperIQA:
         feature_size=int(model_config.feature_size),
         dropout=float(model_config.dropout),
         attention_dropout=float(model_config.get("attention_dropout", 0.5)),
+        small_target_init=bool(model_config.get("small_target_init", False)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
     )
 

@@ -128,6 +128,14 @@ class HyperNetwork(nn.Module):
 
     Weight i comes from a 3x3 conv whose [C', 7, 7] (NCHW) output is viewed row-major
     as [out_i, in_i]; biases (and fc5's weight) from Linear layers on the global average.
+
+    `small_target_init` (training from scratch, the demo) only changes the initial
+    values: with the default init the generated weights are ~5x larger than
+    1/sqrt(fan_in), the target net's sigmoids saturate and its input (the LDA
+    vector) gets no gradient. Instead the generated hidden weights start at
+    std ~1/sqrt(fan_in) and the output layer's generated weight at zero, so the
+    score starts as a linear read-out of the pooled hyper features and the
+    per-image target net grows in as that weight is learnt.
     """
 
     feature_widths: Sequence[int] = (512, 256)
@@ -136,6 +144,7 @@ class HyperNetwork(nn.Module):
     target_fc_sizes: Sequence[int] = (112, 56, 28, 14)
     feature_size: int = 7
     dropout_rate: float = 0.0
+    small_target_init: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -156,12 +165,18 @@ class HyperNetwork(nn.Module):
             if remainder:
                 raise ValueError(f"target fc{i + 1} ({fan_out}x{fan_in}) is not divisible by "
                                  f"feature_size**2 = {self.feature_size ** 2}")
-            w = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                        name=f"fc{i + 1}_weight_conv")(x)
+            # LeCun scales by the conv's own fan-in; a further 1/fan_in of the target
+            # layer makes the generated weights ~1/sqrt(fan_in) for unit-size features.
+            init = nn.initializers.variance_scaling(
+                1.0 / fan_in if self.small_target_init else 1.0, "fan_in", "truncated_normal")
+            w = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
+                        dtype=self.dtype, name=f"fc{i + 1}_weight_conv")(x)
             weights.append(nchw_flatten(w).reshape(batch, fan_out, fan_in))
             biases.append(nn.Dense(fan_out, dtype=self.dtype, name=f"fc{i + 1}_bias_fc")(pooled))
         last = len(self.target_fc_sizes) + 1
-        weights.append(nn.Dense(sizes[-1], dtype=self.dtype, name=f"fc{last}_weight_fc")(pooled)
+        init = nn.initializers.zeros if self.small_target_init else nn.initializers.lecun_normal()
+        weights.append(nn.Dense(sizes[-1], kernel_init=init, dtype=self.dtype,
+                                name=f"fc{last}_weight_fc")(pooled)
                        .reshape(batch, 1, sizes[-1]))
         biases.append(nn.Dense(1, dtype=self.dtype, name=f"fc{last}_bias_fc")(pooled))
         return hyper_in_feat, weights, biases
@@ -216,6 +231,7 @@ class HyperIQA(nn.Module):
     attention_reduction: int = 4
     attention_hidden: int = 256
     attention_dropout: float = 0.5
+    small_target_init: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -247,8 +263,8 @@ class HyperIQA(nn.Module):
 
         hyper_in_feat, weights, biases = HyperNetwork(
             self.hyper_feature_widths, self.hyper_in_channels, self.target_in_size,
-            tuple(self.target_fc_sizes), self.feature_size, self.dropout, self.dtype,
-            name="hyper")(fused, train)
+            tuple(self.target_fc_sizes), self.feature_size, self.dropout,
+            self.small_target_init, self.dtype, name="hyper")(fused, train)
 
         # The target net is tiny: run it in float32 so the score keeps its precision.
         to32 = lambda xs: [v.astype(jnp.float32) for v in xs]

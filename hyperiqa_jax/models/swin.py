@@ -269,16 +269,34 @@ class PatchMerging(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Patchify conv (+ LayerNorm), as timm; optionally behind a local-energy stem.
+
+    The stem and `patch_norm=False` are for training from scratch on little data
+    (the demo). Noise, blur and compression change the local energy of an image,
+    which a linear 4x4 patch projection followed by a per-token LayerNorm does not
+    expose and mean pooling does not recover. The stem squares the responses of
+    `stem_channels` learnt 3x3 filters and passes them, with the pixels, to the
+    patch projection; mean-pooled features then measure filter energy. timm's
+    models use neither (stem_channels=0, patch_norm=True), so converted
+    checkpoints are unaffected.
+    """
+
     embed_dim: int
     patch_size: int = 4
+    stem_channels: int = 0
+    patch_norm: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
+        if self.stem_channels:
+            responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
+                                name="stem")(x)
+            x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     name="proj")(x)
-        return LayerNorm(dtype=self.dtype, name="norm")(x)
+        return LayerNorm(dtype=self.dtype, name="norm")(x) if self.patch_norm else x
 
 
 class SwinStage(nn.Module):
@@ -315,6 +333,8 @@ class SwinTransformer(nn.Module):
     num_heads: Sequence[int] = (3, 6, 12, 24)
     window_size: int = 7
     patch_size: int = 4
+    stem_channels: int = 0  # > 0: a local-energy stem of this many 3x3 filters (not in timm).
+    patch_norm: bool = True  # LayerNorm after the patch embedding (timm: always).
     mlp_ratio: float = 4.0
     drop_path_rate: float = TIMM_DEFAULT_DROP_PATH_RATE
     img_size: int = 224
@@ -334,7 +354,8 @@ class SwinTransformer(nn.Module):
     def __call__(self, images, train: bool = False) -> tuple[jax.Array, ...]:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
-        x = PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name="patch_embed")(
+        x = PatchEmbed(self.embed_dim, self.patch_size, self.stem_channels, self.patch_norm,
+                       self.dtype, name="patch_embed")(
             images.astype(self.dtype))
         features = []
         for i, (dim, depth, heads, rates) in enumerate(zip(

@@ -1,9 +1,13 @@
 """The generated demo data set: deterministic, split by reference, cached."""
 
+import collections
+import csv
 import hashlib
 import os
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from hyperiqa_jax.data import demo
 from hyperiqa_jax.data.records import load_records
@@ -28,13 +32,50 @@ def test_generation_is_deterministic_and_split_by_reference(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     train = load_records("demo", str(tmp_path / "a"), "train")
     test = load_records("demo", str(tmp_path / "a"), "test")
-    assert len(train) == 3 * 6 and len(test) == 1 * 6
+    # astronaut: 2 crops + its zoomed-out view; camera and chelsea: 1 crop, no zoomed view.
+    assert len(train) == (3 + 1) * 6 and len(test) == 1 * 6
+    assert len({r.ref for r in train}) == 4
     assert not {r.ref for r in train} & {r.ref for r in test}
     scores = {r.image_id: r.score for r in train}
     assert all(0 < s <= 100 for s in scores.values())
-    for kind in ("blur", "noise", "jpeg"):  # stronger level -> lower SSIM
+    for kind in ("blur", "noise", "jpeg"):  # stronger level -> lower score
         mild, strong = (scores[f"images/astronaut_0_{kind}_{lv}.jpg"] for lv in (1, 2))
         assert strong < mild
+
+
+def test_label_is_the_conditions_mean_ssim(tmp_path):
+    demo.generate_demo_dataset(str(tmp_path), sources=SMALL, size=64,
+                               distortions=("blur", "noise"), levels=2)
+    with open(tmp_path / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_condition = collections.defaultdict(list)
+    for row in rows:
+        by_condition[row["distortion"], row["level"]].append(float(row["ssim"]))
+    assert len(by_condition) == 4 and all(len(v) == 5 for v in by_condition.values())
+    for row in rows:
+        assert float(row["score"]) == pytest.approx(
+            np.mean(by_condition[row["distortion"], row["level"]]), abs=1e-3)
+    # The ssim column is the image's own SSIM x 100 against its reference, as stored.
+    row = rows[0]
+    ref = np.asarray(Image.open(tmp_path / "refs" / f"{row['ref']}.png"))
+    img = np.asarray(Image.open(tmp_path / row["path"]).convert("RGB"))
+    assert float(row["ssim"]) == pytest.approx(demo.ssim_score(ref, img), abs=1e-3)
+
+
+def test_zoomed_out_view_shows_the_whole_photo():
+    photo = demo._load_source("astronaut")  # 512 x 512
+    view = demo._zoomed_out_crop(photo, 128)
+    assert view.shape == (128, 128, 3)
+    shrunk = np.asarray(Image.fromarray(photo).resize((128, 128), Image.LANCZOS))
+    np.testing.assert_array_equal(view, shrunk)
+    assert demo._zoomed_out_crop(photo[:150, :150], 128) is None
+
+
+def test_every_source_photo_loads_without_a_download():
+    for name in demo.SOURCES:
+        img = demo._load_source(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, name
+        assert min(img.shape[:2]) >= 128, name
 
 
 def test_distortions_graded():

@@ -14,6 +14,7 @@ from configs.common import model_config
 from hyperiqa_jax.models import build_model
 from hyperiqa_jax.models.hyperiqa import (
     BatchedTargetNetwork,
+    HyperNetwork,
     TargetNetwork,
     adaptive_avg_pool,
     mean_pool,
@@ -185,3 +186,23 @@ def test_config_files_exist():
     folder = Path(__file__).resolve().parents[2] / "configs"
     for name in CONFIG_NAMES:
         assert (folder / f"{name}.py").is_file()
+
+
+def test_small_target_init_starts_unsaturated_with_a_zero_output_weight():
+    fused = jnp.asarray(np.random.RandomState(0).randn(4, 7, 7, 96), jnp.float32)
+    sizes = (224, 112, 56, 28, 14)
+    net = HyperNetwork(feature_widths=(64, 64), target_fc_sizes=sizes[1:],
+                       small_target_init=True)
+    variables = net.init(jax.random.key(0), fused, train=False)
+    feat, weights, biases = net.apply(variables, fused, train=False)
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(feat))))
+    for w, fan_in in zip(weights[:-1], sizes[:-1]):
+        # LeCun variance of the conv times 1/fan_in: std(w) = rms(feat) / sqrt(fan_in), a
+        # little less since the 3x3 conv's zero padding feeds the border cells fewer inputs.
+        ratio = float(jnp.std(w)) * np.sqrt(fan_in) / rms
+        assert 0.75 < ratio < 1.1, (fan_in, ratio)
+    np.testing.assert_array_equal(weights[-1], 0.0)  # score = generated output bias
+    default = HyperNetwork(feature_widths=(64, 64), target_fc_sizes=sizes[1:])
+    _, default_weights, _ = default.apply(default.init(jax.random.key(0), fused, train=False),
+                                          fused, train=False)
+    assert float(jnp.std(default_weights[0])) > 5 * float(jnp.std(weights[0]))

@@ -127,6 +127,29 @@ def test_layer_norm_and_gelu_match_pytorch():
                                expected_gelu @ np.asarray(params["fc2"]["kernel"]), atol=1e-4)
 
 
+def test_energy_stem_and_no_patch_norm_match_pytorch():
+    import torch
+
+    x = np.random.RandomState(1).randn(2, 16, 16, 3).astype(np.float32)
+    embed = swin.PatchEmbed(embed_dim=8, patch_size=4, stem_channels=6, patch_norm=False)
+    params = embed.init(jax.random.key(0), jnp.asarray(x))["params"]
+    assert set(params) == {"stem", "proj"}  # no LayerNorm
+    got = embed.apply({"params": params}, jnp.asarray(x))
+
+    def conv(t, p, stride, padding):  # flax HWIO kernel -> torch OIHW
+        w = torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1))
+        b = torch.from_numpy(np.asarray(p["bias"]))
+        return torch.nn.functional.conv2d(t, w, b, stride=stride, padding=padding)
+
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    t = torch.cat([t, conv(t, params["stem"], 1, 1) ** 2], dim=1)  # pixels + filter energy
+    expected = conv(t, params["proj"], 4, 0).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+    # The defaults are timm's patch embedding: no stem, a LayerNorm.
+    default = swin.PatchEmbed(embed_dim=8).init(jax.random.key(0), jnp.asarray(x))["params"]
+    assert set(default) == {"proj", "norm"}
+
+
 def test_materialize_grad_is_the_identity_for_values_and_gradients():
     x = jnp.asarray(np.random.RandomState(0).randn(3, 4), jnp.float32)
     f = lambda v: jnp.sum(jnp.sin(v) * v)
