@@ -29,7 +29,10 @@ Recipe (for a random-init model on 2 CPU cores; see "Measured" below):
   (random init: the backbone has to move as fast as the heads; 2e-3 was
   unstable with the HyperIQA head).
 
-MEASURED
+Measured (2 CPU cores, quiet, tcmalloc, 2026-11-27; data cached): 8 min 23 s
+wall (training 486 s for 1,334 steps), test SRCC 0.673, PLCC 0.796 on the 360
+test images of 5 unseen photographs; generating the data adds ~13 s. The goal
+(SRCC 0.75) is not reached.
 """
 
 from configs import common

@@ -2,8 +2,9 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
 
     python -m hyperiqa_jax.demo [--workdir runs/demo] [--restart] [--config.train.epochs=2]
 
-1. generates the demo data set once (photographs bundled with scikit-image,
-   six distortions x four levels, SSIM x 100 labels, split by photograph);
+1. generates the demo data set once (photographs bundled with scikit-image and
+   matplotlib, six distortions x four levels, each labelled with its
+   condition's mean SSIM x 100, split by photograph);
 2. trains `configs/demo.py` from random initialisation into the workdir
    (rerunning resumes; --restart starts over);
 3. evaluates the final model on the unseen test photographs and prints SRCC /
