@@ -26,8 +26,8 @@ Recipe (for a random-init model on 2 CPU cores; see "Measured" below):
   same number of steps instead of 0.67);
 - labels standardised for the loss, L1, no ranking loss, no channel attention;
 - AdamW with warmup and per-step cosine, 1e-3 for backbone and heads alike
-  (random init: the backbone has to move as fast as the heads; 2e-3 was
-  unstable with the HyperIQA head).
+  (random init: the backbone has to move as fast as the heads; in short
+  trials 2e-3 gave an erratic loss with the HyperIQA head).
 
 Measured (2 CPU cores, quiet, tcmalloc, 2026-11-27; data cached): 8 min 23 s
 wall (training 486 s for 1,334 steps), test SRCC 0.673, PLCC 0.796 on the 360
