@@ -93,20 +93,21 @@ def _load_source(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-def _reference_crops(img: np.ndarray, max_crops: int, size: int) -> list[np.ndarray]:
+def _resize_short_side(img: np.ndarray, short: int, resample) -> np.ndarray:
+    """img resized (aspect kept) so that its shorter side is `short` pixels."""
     h, w = img.shape[:2]
-    if min(h, w) < size:
-        scale = size / min(h, w)
-        new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
-        pil = Image.fromarray(img).resize(new_size, Image.BICUBIC)
-        img = np.asarray(pil)
-        h, w = img.shape[:2]
+    scale = short / min(h, w)
+    size = (max(short, round(w * scale)), max(short, round(h * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, resample))
+
+
+def _reference_crops(img: np.ndarray, max_crops: int, size: int) -> list[np.ndarray]:
+    if min(img.shape[:2]) < size:
+        img = _resize_short_side(img, size, Image.BICUBIC)
     # Large photos: shrink so that `max_crops` crops cover most of the picture.
-    if min(h, w) > 2 * size and max_crops > 1:
-        scale = 2 * size / min(h, w)
-        img = np.asarray(Image.fromarray(img).resize((round(w * scale), round(h * scale)),
-                                                     Image.LANCZOS))
-        h, w = img.shape[:2]
+    if min(img.shape[:2]) > 2 * size and max_crops > 1:
+        img = _resize_short_side(img, 2 * size, Image.LANCZOS)
+    h, w = img.shape[:2]
     rows = 2 if h >= 2 * size and max_crops > 1 else 1
     cols = max(1, min(max_crops // rows, w // size))
     ys = np.round(np.linspace(0, h - size, rows + 2)[1:-1] if rows == 1 else
@@ -125,12 +126,9 @@ def _reference_crops(img: np.ndarray, max_crops: int, size: int) -> list[np.ndar
 def _zoomed_out_crop(img: np.ndarray, size: int) -> np.ndarray | None:
     """The whole photo shrunk to `size` on its short side, centre crop: coarser content
     than the crops above. None when the photo is too small for that to differ."""
-    h, w = img.shape[:2]
-    if min(h, w) < 1.5 * size:
+    if min(img.shape[:2]) < 1.5 * size:
         return None
-    scale = size / min(h, w)
-    small = np.asarray(Image.fromarray(img).resize((max(size, round(w * scale)),
-                                                    max(size, round(h * scale))), Image.LANCZOS))
+    small = _resize_short_side(img, size, Image.LANCZOS)
     y, x = (small.shape[0] - size) // 2, (small.shape[1] - size) // 2
     return np.ascontiguousarray(small[y:y + size, x:x + size])
 
@@ -217,13 +215,14 @@ def generate_demo_dataset(out_dir: str, *, sources: dict | None = None, size: in
     by_condition = collections.defaultdict(list)
     for row, ssim in zip(rows, ssims):
         by_condition[row["distortion"], row["level"]].append(ssim)
+    condition_score = {key: np.mean(values) for key, values in by_condition.items()}
     manifest = os.path.join(out_dir, "manifest.csv")
     with open(manifest, "w", newline="") as f:
         w = csv.DictWriter(f, ["path", "score", "ssim", "ref", "split", "distortion", "level",
                                "source"])
         w.writeheader()
         for row, ssim in zip(rows, ssims):
-            score = np.mean(by_condition[row["distortion"], row["level"]])
+            score = condition_score[row["distortion"], row["level"]]
             w.writerow({**row, "score": f"{score:.4f}", "ssim": f"{ssim:.4f}"})
     return manifest
 
