@@ -154,6 +154,17 @@ def _materialize_grad_bwd(_, g):
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
+def _transposed_copy(x):
+    """x with its last two axes swapped, in a buffer of that layout.
+
+    A select on the data stands between the transpose and its consumer, so
+    XLA cannot fold the transpose into a dot's dimension numbers. It passes x
+    through unless x's first element is NaN (then all of it is NaN).
+    """
+    first = x.reshape(-1)[0]
+    return jnp.where(first == first, jnp.swapaxes(x, -1, -2), jnp.nan)
+
+
 def _attention_forward(q, k, v, bias):
     logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1)
@@ -182,11 +193,10 @@ def _attention_bwd(residuals, dout):
     q, k, v, weights, bias_shape = residuals
     d_weights = jnp.einsum("bwhqd,bwhkd->bwhqk", dout, v).astype(jnp.float32)
     d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
-    dv = jnp.einsum("bwhkq,bwhqd->bwhkd",
-                    _materialize(jnp.swapaxes(weights, -1, -2).astype(v.dtype)), dout)
+    dv = jnp.einsum("bwhkq,bwhqd->bwhkd", _transposed_copy(weights.astype(v.dtype)), dout)
     d_logits_c = d_logits.astype(q.dtype)
     dq = jnp.einsum("bwhqk,bwhkd->bwhqd", d_logits_c, k)
-    dk = jnp.einsum("bwhkq,bwhqd->bwhkd", _materialize(jnp.swapaxes(d_logits_c, -1, -2)), q)
+    dk = jnp.einsum("bwhkq,bwhqd->bwhkd", _transposed_copy(d_logits_c), q)
     lead = d_logits.ndim - len(bias_shape)
     d_bias = jnp.sum(d_logits, axis=tuple(range(lead)))
     d_bias = jnp.sum(d_bias, axis=tuple(i for i, s in enumerate(bias_shape) if s == 1),
@@ -195,6 +205,49 @@ def _attention_bwd(residuals, dout):
 
 
 window_attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def _matmul(x, kernel):
+    """x @ kernel for x [M, K]; the weight gradient transposes the narrower operand."""
+    return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+    # The weight gradient contracts the M rows of x and dy, so one of them must
+    # be transposed; autodiff leaves the choice to XLA, which transposes dy even
+    # when it is 3-4x wider than x (qkv, fc1).
+    x, kernel = residuals
+    if x.shape[1] <= dy.shape[1]:
+        d_kernel = _transposed_copy(x) @ dy
+    else:
+        d_kernel = (_transposed_copy(dy) @ x).T
+    return dy @ kernel.T, d_kernel
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+    """nn.Dense (same parameters, initialisers and forward numbers) with `_matmul`'s gradient."""
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = _matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        y = y.reshape(x.shape[:-1] + (self.features,))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class DropPath(nn.Module):
@@ -234,7 +287,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = bias[None] + mask[:, None]  # [nW, heads, N, N]
 
-        qkv = nn.Dense(3 * self.dim, dtype=self.dtype, name="qkv")(windows)
+        qkv = Dense(3 * self.dim, dtype=self.dtype, name="qkv")(windows)
         # One transpose to [3, B, nW, heads, N, d]: q, k, v are then contiguous
         # slices, both einsums need no further transposes, and the gradient of
         # the split is a concatenation along the leading axis.
@@ -242,7 +295,7 @@ class WindowAttention(nn.Module):
         q, k, v = (t[0] for t in jnp.split(qkv, 3, axis=0))
         out = window_attention_core(q * (head_dim ** -0.5), k, v, bias)
         out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
-        return nn.Dense(self.dim, dtype=self.dtype, name="proj")(out)
+        return Dense(self.dim, dtype=self.dtype, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -252,11 +305,11 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         out_dim = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
         # Exact GELU as PyTorch computes it, 0.5 x (1 + erf(x / sqrt 2)): XLA's
         # erf is far cheaper than the erfc that jax.nn.gelu uses.
         x = 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
-        return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(x)
+        return Dense(out_dim, dtype=self.dtype, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -312,7 +365,7 @@ class PatchMerging(nn.Module):
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
         x = x.reshape(b, h // 2, w // 2, 4 * c)
         x = LayerNorm(dtype=self.dtype, name="norm")(x)
-        return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
+        return Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
 
 
 class PatchEmbed(nn.Module):

@@ -1,5 +1,6 @@
 """The JAX Swin against timm's features_only Swin (float32, seeded random weights)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +183,23 @@ def test_window_attention_core_gradient_matches_autodiff(bias_shape):
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_features,out_features", [(8, 24), (24, 8)])
+def test_dense_matches_flax_dense_values_and_gradients(in_features, out_features):
+    # Both branches of the weight gradient (transpose x, or transpose dy) against
+    # flax's nn.Dense under autodiff, with the same initial parameters.
+    x = jax.random.normal(jax.random.key(1), (2, 5, in_features))
+    dy = jax.random.normal(jax.random.key(2), (2, 5, out_features))
+    ours, theirs = swin.Dense(out_features), nn.Dense(out_features)
+    params = ours.init(jax.random.key(0), x)
+    flax_params = theirs.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, params, flax_params)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(module.apply(p, x) * dy)
+
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6)
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
