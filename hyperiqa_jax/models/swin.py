@@ -368,6 +368,31 @@ class PatchMerging(nn.Module):
         return Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
 
 
+class PatchProjection(nn.Module):
+    """nn.Conv with a p x p kernel and stride p (same parameters), as patches @ kernel.
+
+    Non-overlapping patches make the convolution one matrix product over
+    flattened patches, which XLA:CPU runs about twice as fast, forward and
+    backward, as its strided convolution (measured on [16, 224, 224, 19]).
+    """
+
+    features: int
+    patch_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        # [B, H/p, p, W/p, p, C] -> [B, H/p, W/p, p, p, C]: the kernel's (dy, dx, c) order.
+        patches = x[:, :h - h % p, :w - w % p].reshape(b, h // p, p, w // p, p, c)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * c)
+        y = _matmul(patches.astype(self.dtype), kernel.reshape(p * p * c, -1).astype(self.dtype))
+        return y.reshape(b, h // p, w // p, self.features) + bias.astype(self.dtype)
+
+
 class PatchEmbed(nn.Module):
     """Patchify conv (+ LayerNorm), as timm; optionally behind a local-energy stem.
 
@@ -394,8 +419,7 @@ class PatchEmbed(nn.Module):
             responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
                                 name="stem")(x)
             x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    name="proj")(x)
+        x = PatchProjection(self.embed_dim, p, self.dtype, name="proj")(x)
         return LayerNorm(dtype=self.dtype, name="norm")(x) if self.patch_norm else x
 
 

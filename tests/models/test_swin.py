@@ -203,3 +203,22 @@ def test_dense_matches_flax_dense_values_and_gradients(in_features, out_features
     got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
     want = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("height,width", [(16, 12), (18, 13)])
+def test_patch_projection_matches_strided_conv(height, width):
+    # Same parameters and numbers as the p x p, stride p, VALID nn.Conv it replaces,
+    # also where the sides are not multiples of p (the remainder is dropped).
+    x = jax.random.normal(jax.random.key(1), (2, height, width, 5))
+    ours = swin.PatchProjection(features=7, patch_size=4)
+    conv = nn.Conv(7, (4, 4), strides=(4, 4), padding="VALID")
+    params = ours.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, params, conv.init(jax.random.key(0), x))
+    np.testing.assert_allclose(ours.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-6)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(conv), argnums=(0, 1))(params, x)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)
