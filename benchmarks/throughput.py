@@ -174,13 +174,20 @@ def timed(runner) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Median images/s of the full E6 model (JAX vs the PyTorch reference).")
-    parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
-    parser.add_argument("--vs", action="store_true", help="run jax and torch, alternating")
-    parser.add_argument("--model", choices=MODELS, default="tiny")
-    parser.add_argument("--mode", choices=("eval", "train"), default="eval")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+        description="Median images/s of the full E6 model (JAX vs the PyTorch reference). "
+                    "On CPU, preload tcmalloc for both (docs/benchmarks.md).")
+    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
+                        help="which implementation to time (ignored with --vs)")
+    parser.add_argument("--vs", action="store_true",
+                        help="time jax and torch alternately in this process; print the "
+                             "JAX/torch ratio per pair and their median")
+    parser.add_argument("--model", choices=MODELS, default="tiny",
+                        help="Swin-T, Swin-S or Swin-B backbone in the E6 model")
+    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
+                        help="eval: forward only; train: forward, backward and AdamW update")
+    parser.add_argument("--batch", type=int, default=8, help="images (224x224) per call")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (torch: autocast to it)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default)")
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
                         help="wrap the torch model in torch.compile")
     parser.add_argument("--peak-flops", type=float, default=0.0,
                         help="device peak FLOP/s for MFU (default: looked up by device kind)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
     TorchRunner.compile = args.torch_compile
 

@@ -44,6 +44,7 @@ TRAIN_DEFAULTS = dict(
     eval_batch_size=0,       # 0: same as batch_size.
     standardize_labels=False,  # train on (y - mean) / std of the train labels.
     loss="l1",               # "l1" or "smooth_l1" (Huber with delta 1 on the target scale).
+    final_eval=True,         # evaluate after the last step (the demo evaluates afterwards instead).
 )
 # Model keys build_model reads with defaults (not in configs/common.py).
 OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout", "small_target_init")
@@ -492,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             do_eval = ((epoch_end and tc.eval_every_epochs
                         and (step // steps_per_epoch) % tc.eval_every_epochs == 0)
                        or (tc.eval_every_steps and step % tc.eval_every_steps == 0)
-                       or step == total_steps)
+                       or (step == total_steps and tc.final_eval))
             if do_eval:
                 evaluate(step)
             preempted = stop.any_process()

@@ -212,8 +212,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_roo
 def test_demo_entry_point_runs_end_to_end(tmp_path, demo_root, capsys):
     from hyperiqa_jax import demo
 
-    c = _config(demo_root, epochs=1, eval_every_epochs=1)
+    # As configs/demo.py: no evaluation inside training; the demo evaluates afterwards.
+    c = _config(demo_root, epochs=1, eval_every_epochs=0, final_eval=False)
     result = demo.run_demo(c, tmp_path / "run")
     out = capsys.readouterr().out
     assert "[3/3]" in out and "Demo: test SRCC" in out and "Wall time" in out
     assert result["summary"]["step"] > 0 and result["results"][0]["num_images"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not [r for r in rows if r["split"] == "test"]
+    assert result["summary"]["best_step"] is None

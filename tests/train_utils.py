@@ -46,6 +46,7 @@ def tiny_config(root="", name="demo"):
     t.lr, t.lr_ratio = 3e-4, 10.0
     t.loss, t.ranking_loss_weight = "smooth_l1", 0.5
     t.eval_every_epochs = 1
+    t.final_eval = True
     return c
 
 
