@@ -163,7 +163,11 @@ def plot_training_curves(metrics_path, path):
             axes[1].plot(*zip(*pts), marker="o", label=key.upper())
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("test correlation")
-    axes[1].legend()
+    if test:
+        axes[1].legend()
+    else:
+        axes[1].text(0.5, 0.5, "no evaluation during training", ha="center", va="center",
+                     transform=axes[1].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

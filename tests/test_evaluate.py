@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,15 @@ def test_cli_and_bad_data_argument(setup, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())[0]["crops_per_image"] == 1
     with pytest.raises(ValueError, match="NAME"):
         evaluate.parse_data_arg("manifest")
+
+
+def test_training_curves_without_test_evaluations(tmp_path):
+    # The demo evaluates only after training: a curve of the loss alone, and no
+    # matplotlib warning about an empty legend.
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n"
+                               for s in (1, 2, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate.plot_training_curves(metrics, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
