@@ -155,14 +155,13 @@ materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
 def _transposed_copy(x):
-    """x with its last two axes swapped, in a buffer of that layout.
+    """x with its last two axes swapped, materialised in that layout (`_materialize`).
 
-    A select on the data stands between the transpose and its consumer, so
-    XLA cannot fold the transpose into a dot's dimension numbers. It passes x
-    through unless x's first element is NaN (then all of it is NaN).
+    Without the barrier XLA folds the transpose into the dimension numbers of
+    the product that reads it, and XLA:CPU runs a product whose left operand
+    contracts a non-minor axis outside YNNPACK, several times slower.
     """
-    first = x.reshape(-1)[0]
-    return jnp.where(first == first, jnp.swapaxes(x, -1, -2), jnp.nan)
+    return _materialize(jnp.swapaxes(x, -1, -2))
 
 
 def _attention_forward(q, k, v, bias):
