@@ -56,6 +56,7 @@ def seed_config(size="base"):
     config.data.num_workers = 2           # decoding threads per process.
     config.data.mix_images = 16           # images whose crops are shuffled together.
     config.data.random_flip = True
+    config.data.crop_step = 1             # random crop corners on multiples of this.
     config.data.prefetch = 2
     config.data.decode_draft = False      # reduced-scale JPEG decode (large photos, e.g. SPAQ).
 

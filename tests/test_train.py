@@ -60,6 +60,13 @@ def test_unknown_config_key_is_rejected_with_a_suggestion():
         train.check_config(c)
 
 
+def test_crop_step_below_one_is_rejected():
+    c = train_utils.tiny_config()
+    c.data.crop_step = 0
+    with pytest.raises(ValueError, match="data.crop_step=0 must be at least 1"):
+        train.check_config(c)
+
+
 def test_cli_rejects_unknown_override(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hyperiqa_jax.train", "--config=configs/demo.py",

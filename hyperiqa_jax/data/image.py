@@ -234,7 +234,7 @@ def center_crop_position(height: int, width: int, crop: int) -> tuple[int, int]:
 
 
 def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
-                   rng: np.random.Generator | None = None) -> np.ndarray:
+                   rng: np.random.Generator | None = None, step: int = 1) -> np.ndarray:
     """[num, 2] int (top, left) crop corners.
 
     'random': uniform like torchvision RandomCrop (needs `rng`); 'center': `num`
@@ -249,8 +249,8 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
     if protocol == "random":
         if rng is None:
             raise ValueError("random crops need an rng")
-        tops = rng.integers(0, height - crop + 1, size=num)
-        lefts = rng.integers(0, width - crop + 1, size=num)
+        tops = rng.integers(0, (height - crop) // step + 1, size=num) * step
+        lefts = rng.integers(0, (width - crop) // step + 1, size=num) * step
         return np.stack([tops, lefts], axis=1).astype(np.int64)
     if protocol == "center":
         return np.tile(np.array(center_crop_position(height, width, crop)), (num, 1))

@@ -152,6 +152,7 @@ class _TrainGroup:
         self.crop = int(data_config.crop_size)
         self.crops = int(_cfg(data_config, "train_crops", 20))
         self.flip = bool(_cfg(data_config, "random_flip", True))
+        self.crop_step = int(_cfg(data_config, "crop_step", 1))
         self.draft = bool(_cfg(data_config, "decode_draft", False))
         self.tracker = tracker
 
@@ -163,7 +164,8 @@ class _TrainGroup:
             except ImageDecodeError as e:
                 self.tracker.report(e)
                 continue
-            pos = crop_positions(img.shape[0], img.shape[1], self.crop, self.crops, "random", rng)
+            pos = crop_positions(img.shape[0], img.shape[1], self.crop, self.crops, "random", rng,
+                                 self.crop_step)
             flips = rng.random(self.crops) < 0.5 if self.flip else None
             images.append(extract_crops(img, pos, self.crop, flips))
             scores.append(np.full((self.crops,), score, np.float32))

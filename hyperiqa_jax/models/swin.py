@@ -393,6 +393,12 @@ class PatchProjection(nn.Module):
         return y.reshape(b, h // p, w // p, self.features) + bias.astype(self.dtype)
 
 
+def zero_mean_init(key, shape, dtype=jnp.float32):
+    """LeCun-normal 3x3 filters with their spatial mean removed: high-pass at init."""
+    kernel = nn.initializers.lecun_normal()(key, shape, dtype)
+    return kernel - kernel.mean(axis=(0, 1), keepdims=True)
+
+
 class PatchEmbed(nn.Module):
     """Patchify conv (+ LayerNorm), as timm; optionally behind a local-energy stem.
 
@@ -417,7 +423,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if self.stem_channels:
             responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
-                                name="stem")(x)
+                                kernel_init=zero_mean_init, name="stem")(x)
             x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
         x = PatchProjection(self.embed_dim, p, self.dtype, name="proj")(x)
         return LayerNorm(dtype=self.dtype, name="norm")(x) if self.patch_norm else x

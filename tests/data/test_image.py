@@ -177,6 +177,13 @@ def test_crop_positions():
         im.crop_positions(50, 60, 32, 2, "diagonal")
 
 
+def test_random_crop_corners_on_a_step():
+    """step=8 keeps every corner on JPEG's 8x8 block grid, and still reaches the far edge."""
+    pos = im.crop_positions(50, 60, 32, 200, "random", np.random.default_rng(0), step=8)
+    assert set(pos[:, 0].tolist()) == {0, 8, 16}  # 16 <= 50 - 32 = 18 < 24
+    assert set(pos[:, 1].tolist()) == {0, 8, 16, 24}
+
+
 def test_extract_crops_and_flip():
     img = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
     c = im.extract_crops(img, np.array([[1, 2], [1, 2]]), 4, flips=[False, True])

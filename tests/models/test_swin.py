@@ -146,6 +146,16 @@ def test_energy_stem_and_no_patch_norm_match_pytorch():
     t = torch.cat([t, conv(t, params["stem"], 1, 1) ** 2], dim=1)  # pixels + filter energy
     expected = conv(t, params["proj"], 4, 0).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+    # Its filters start zero-mean (high-pass): a flat image gives no filter energy
+    # (away from the border, where the zero padding is an edge).
+    np.testing.assert_allclose(np.asarray(params["stem"]["kernel"]).sum(axis=(0, 1)), 0, atol=1e-6)
+    flat = jnp.full((1, 16, 16, 3), 0.7)
+    proj = params["proj"]
+    pixels_only = {"proj": {"kernel": proj["kernel"][:, :, :3], "bias": proj["bias"]}}
+    got_flat = embed.apply({"params": params}, flat)
+    expected_flat = swin.PatchEmbed(8, 4, patch_norm=False).apply({"params": pixels_only}, flat)
+    np.testing.assert_allclose(np.asarray(got_flat)[:, 1:-1, 1:-1],
+                               np.asarray(expected_flat)[:, 1:-1, 1:-1], atol=1e-5)
     # The defaults are timm's patch embedding: no stem, a LayerNorm.
     default = swin.PatchEmbed(embed_dim=8).init(jax.random.key(0), jnp.asarray(x))["params"]
     assert set(default) == {"proj", "norm"}
