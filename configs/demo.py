@@ -58,7 +58,7 @@ def get_config():
     d.root = ""  # "" = generate (once) into $HYPERIQA_JAX_CACHE/demo or ~/.cache/hyperiqa_jax.
     d.resize = None  # the images are 256x256: crop them as they are (resizing blurs distortions)
     d.crop_size = 224
-    d.train_crops = 1  # one crop per image per epoch: a batch holds 16 different images
+    d.train_crops = 1  # one crop per image per epoch: a batch holds 8 different images
     d.crop_step = 8  # random crop corners on JPEG's 8x8 block grid
     d.test_crops = 9  # a 3x3 grid: corners, edge midpoints and centre (all on the 8-px grid)
     d.eval_protocol = "grid"

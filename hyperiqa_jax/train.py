@@ -84,8 +84,9 @@ def check_config(config):
                 hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
                 raise ValueError(f"unknown config key '{where}'{hint} "
                                  f"(known keys are listed in configs/common.py)")
-    if config.data.crop_step < 1:
-        raise ValueError(f"data.crop_step={config.data.crop_step} must be at least 1 "
+    crop_step = config.data.get("crop_step", 1)
+    if crop_step < 1:
+        raise ValueError(f"data.crop_step={crop_step} must be at least 1 "
                          "(1: crop corners anywhere; 8: on JPEG's 8x8 block grid)")
     tc = config.train
     if tc.eval_batch_size == 0:

@@ -237,7 +237,8 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
                    rng: np.random.Generator | None = None, step: int = 1) -> np.ndarray:
     """[num, 2] int (top, left) crop corners.
 
-    'random': uniform like torchvision RandomCrop (needs `rng`); 'center': `num`
+    'random': uniform like torchvision RandomCrop (needs `rng`), corners on
+    multiples of `step` (8 keeps JPEG's block grid in place); 'center': `num`
     copies of the centre crop; 'grid': a deterministic uniform grid of rows x cols
     positions (rows = floor(sqrt(num)), cols = ceil(num / rows)) from corner to
     corner, the first `num` in row-major order.
