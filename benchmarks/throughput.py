@@ -7,9 +7,19 @@
 `--vs` runs both frameworks in one process, alternating one timed call of each
 so both see the same machine load, and prints the JAX/torch ratio per pair and
 its median. Warm-up (JAX compilation, first torch call) is timed separately and
-excluded. The train step is the same in both: forward with dropout and drop
-path, L1 loss, backward, global-norm clipping at 1.0, AdamW with the backbone
-learning rate and x10 for the rest (hyperiqa_jax.optim.make_optimizer).
+excluded.
+
+The JAX step is the one training runs: `hyperiqa_jax.train.init_state` and the
+jitted `train_step` from `train.compile_steps` (state donated, batch sharded
+over a one-device mesh), and for eval the jitted evaluation step around
+`train.predict_step`. The torch step is the same computation on
+weights_conversion.torch_reference.HyperIQAReference: forward with dropout and
+drop path, L1 loss, backward, global-norm clipping at 1.0, AdamW with the
+backbone learning rate and x10 for the rest (hyperiqa_jax.optim.make_optimizer).
+
+A timed call runs `--steps-per-call` steps and then waits for the device once,
+so on a GPU the host's dispatch of step k+1 overlaps step k, as in training;
+the reported time is per step.
 """
 
 import argparse
@@ -20,92 +30,128 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-MODELS = ("tiny", "small", "base")
-# Dense bf16 peak FLOP/s by device kind (vendor figures), for MFU.
+# "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
+# per image), for smoke tests and the GPU check's CPU dry run.
+MODELS = ("micro", "tiny", "small", "base")
+MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
+
+# Dense peak FLOP/s by device kind (vendor figures), for MFU. float32 matmuls run as TF32 on
+# these GPUs by default (jax_default_matmul_precision), and as bf16 passes on TPUs.
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
                    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
                    "TPU v6 lite": 918e12}
+FP32_PEAK_FLOPS = {"H100": 494e12, "H200": 494e12, "A100": 156e12, "L4": 60e12,
+                   **{k: v for k, v in BF16_PEAK_FLOPS.items() if k.startswith("TPU")}}
 
 
-def peak_flops(device_kind: str) -> float | None:
-    for key, value in BF16_PEAK_FLOPS.items():
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """The card's dense peak for `dtype` ('bfloat16' or 'float32'), None when unknown."""
+    table = BF16_PEAK_FLOPS if dtype == "bfloat16" else FP32_PEAK_FLOPS
+    for key, value in table.items():
         if key.lower() in device_kind.lower():
             return value
     return None
 
 
 def model_config(size: str, dtype: str):
-    config = importlib.import_module(f"configs.{size}").get_config()
+    """configs/<size>.py with the compute dtype set explicitly (the default may be "auto")."""
+    config = importlib.import_module(f"configs.{'tiny' if size == 'micro' else size}").get_config()
     config.model.dtype = dtype
+    if size == "micro":
+        config.model.backbone_overrides.update(MICRO_BACKBONE)
     return config
 
 
 class JaxRunner:
-    """One jitted eval or train step of hyperiqa_jax's model on a fixed batch."""
+    """hyperiqa_jax.train's jitted train step (or evaluation step) on a fixed batch.
+
+    `step()` dispatches one step, `sync()` waits for it; `compiled` is the executable
+    that runs, `lowered` its input to XLA (both for cost and memory analysis).
+    """
 
     name = "jax"
 
     def __init__(self, config, mode, images, scores):
-        from hyperiqa_jax.models import build_model
-        from hyperiqa_jax.optim import make_optimizer
+        from hyperiqa_jax import models, optim, train
 
-        model = build_model(config.model)
-        self.images = jnp.asarray(images)
-        self.scores = jnp.asarray(scores)
-        variables = jax.jit(lambda: model.init(jax.random.key(0), self.images[:1]))()
-        self.params = variables["params"]
+        train.check_config(config)
+        model = models.build_model(config.model)
+        tx = optim.make_optimizer(config.train, steps_per_epoch=100)
+        mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:1])
+        rng = jax.random.PRNGKey(config.seed)
+        init_fn = lambda r: train.init_state(model, tx, config, r)
+        abstract_state = jax.eval_shape(init_fn, rng)
+        label_stats = (0.0, 1.0)
+        train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, label_stats, mesh,
+                                                           abstract_state)
+        self.state = jax.jit(init_fn, out_shardings=shardings["state"])(rng)
+        self.model, self.tx, self.config, self.label_stats = model, tx, config, label_stats
         self.mode = mode
+        n = len(images)
         if mode == "eval":
-            def call(params, x):
-                return model.apply({"params": params}, x)["score"]
-            self.compiled = jax.jit(call).lower(self.params, self.images).compile()
-            return
-        tx = make_optimizer(config.train, steps_per_epoch=100)
-        self.opt_state = tx.init(self.params)
+            fn = eval_fn
+            self.batch = jax.device_put({"image": images, "image_index": np.arange(n),
+                                         "valid": np.ones(n, bool)}, shardings["batch"])
+            self.variables = train.inference_variables(self.state)
+            self.state = None  # the optimiser state is not needed: free it
+            args = (self.variables, self.batch)
+        else:
+            fn = train_fn
+            self.batch = jax.device_put({"image": images, "score": scores}, shardings["batch"])
+            args = (self.state, self.batch)
+        self.lowered = fn.lower(*args)
+        self.compiled = self.lowered.compile()
+        self.last = None
 
-        def step(params, opt_state, x, y, rng):
-            def loss_fn(p):
-                pred = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})["score"]
-                return jnp.mean(jnp.abs(pred - y))
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return jax.tree.map(jnp.add, params, updates), opt_state, loss
+    def step(self):
+        if self.mode == "eval":
+            self.last = self.compiled(self.variables, self.batch)
+        else:  # The state is donated: keep the new one.
+            self.state, self.last = self.compiled(self.state, self.batch)
 
-        self.rng = jax.random.key(1)
-        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-            self.params, self.opt_state, self.images, self.scores, self.rng).compile()
+    def sync(self):
+        jax.block_until_ready(self.last)
 
     def memory(self) -> dict:
+        out = {}
         analysis = self.compiled.memory_analysis()
-        if analysis is None:
-            return {}
-        return {"temp_mb": analysis.temp_size_in_bytes / 2**20,
-                "argument_mb": analysis.argument_size_in_bytes / 2**20}
+        if analysis is not None:
+            out.update(temp_mb=analysis.temp_size_in_bytes / 2**20,
+                       argument_mb=analysis.argument_size_in_bytes / 2**20,
+                       output_mb=analysis.output_size_in_bytes / 2**20)
+        stats = jax.devices()[0].memory_stats()  # None on the CPU.
+        if stats and "peak_bytes_in_use" in stats:
+            out["peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+        return out
+
+    def cost(self, which="compiled") -> dict:
+        """XLA's cost analysis of the compiled step (or of the lowered, unoptimised HLO)."""
+        cost = (self.compiled if which == "compiled" else self.lowered).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return dict(cost or {})
 
     def flops(self) -> float | None:
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return float(cost["flops"]) if cost and "flops" in cost else None
+        return _float_or_none(self.cost().get("flops"))
 
-    def __call__(self):
-        if self.mode == "eval":
-            jax.block_until_ready(self.compiled(self.params, self.images))
-        else:
-            self.params, self.opt_state, loss = self.compiled(
-                self.params, self.opt_state, self.images, self.scores, self.rng)
-            jax.block_until_ready(loss)
+
+def _float_or_none(value):
+    return None if value is None else float(value)
 
 
 class TorchRunner:
-    """The same step for weights_conversion.torch_reference.HyperIQAReference."""
+    """The same step for weights_conversion.torch_reference.HyperIQAReference.
+
+    layout: "nchw" (contiguous), "channels_last", or "auto" (channels-last on a GPU).
+    compile: wrap the model in torch.compile with `compile_backend`.
+    """
 
     name = "torch"
-    compile = False  # --torch-compile
 
-    def __init__(self, config, mode, images, scores):
+    def __init__(self, config, mode, images, scores, *, compile=False, layout="auto",
+                 compile_backend="inductor"):
         import torch
 
         from weights_conversion.torch_reference import HyperIQAReference
@@ -117,62 +163,79 @@ class TorchRunner:
         self.scores = torch.from_numpy(scores).to(self.device)
         self.mode = mode
         self.autocast = config.model.dtype == "bfloat16"
-        if self.device == "cuda":  # The fast settings a PyTorch user would pick on a GPU.
+        self.layout = layout if layout != "auto" else (
+            "channels_last" if self.device == "cuda" else "nchw")
+        if self.layout == "channels_last":
             self.model = self.model.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
+        if self.device == "cuda":  # The fast settings a PyTorch user would pick on a GPU.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if TorchRunner.compile:
-            self.model = torch.compile(self.model)
+            torch.backends.cudnn.benchmark = True
+        self.last = None
         if mode == "eval":
             self.model.eval()
-            return
-        self.model.train()
-        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
-        rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
-        lr, wd = config.train.lr, config.train.weight_decay
-        self.optimizer = torch.optim.AdamW(
-            [{"params": backbone, "lr": lr}, {"params": rest, "lr": lr * config.train.lr_ratio}],
-            weight_decay=wd)
+        else:  # The optimiser before torch.compile, which prefixes the parameter names.
+            self.model.train()
+            backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
+            rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+            lr, wd = config.train.lr, config.train.weight_decay
+            self.optimizer = torch.optim.AdamW(
+                [{"params": backbone, "lr": lr},
+                 {"params": rest, "lr": lr * config.train.lr_ratio}], weight_decay=wd)
+        if compile:
+            self.model = torch.compile(self.model, backend=compile_backend)
 
     def memory(self) -> dict:
         if self.device == "cuda":
             return {"peak_mb": self.torch.cuda.max_memory_allocated() / 2**20}
         return {}
 
-    def __call__(self):
+    def step(self):
         torch = self.torch
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             if self.mode == "eval":
                 with torch.no_grad():
-                    self.model(self.images)["score"].float().sum().item()
+                    self.last = self.model(self.images)["score"]
                 return
             self.optimizer.zero_grad(set_to_none=True)
             loss = (self.model(self.images)["score"].float() - self.scores).abs().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        loss.item()
+        self.last = loss
+
+    def sync(self):
+        self.last.float().sum().item()  # waits for the device (a CUDA sync)
 
 
-def build(framework, config, mode, batch):
+def build(framework, config, mode, batch, **torch_options):
+    """A runner on a fixed random batch, after its first step (compilation, warm-up)."""
     rng = np.random.RandomState(0)
     images = rng.randn(batch, 224, 224, 3).astype(np.float32)
     scores = rng.uniform(0, 100, batch).astype(np.float32)
-    runner_cls = JaxRunner if framework == "jax" else TorchRunner
     start = time.perf_counter()
-    runner = runner_cls(config, mode, images, scores)
-    runner()  # The first call: compilation / allocator warm-up.
+    if framework == "jax":
+        runner = JaxRunner(config, mode, images, scores)
+    else:
+        runner = TorchRunner(config, mode, images, scores, **torch_options)
+    runner.step()
+    runner.sync()
     return runner, time.perf_counter() - start
 
 
-def timed(runner) -> float:
+def timed(runner, steps_per_call: int = 1) -> float:
+    """Seconds per step over one call of `steps_per_call` steps and one wait."""
     start = time.perf_counter()
-    runner()
-    return time.perf_counter() - start
+    for _ in range(steps_per_call):
+        runner.step()
+    runner.sync()
+    return (time.perf_counter() - start) / steps_per_call
 
 
 def main(argv=None) -> int:
+    from hyperiqa_jax import allocator
+    allocator.preload(__name__)  # under mimalloc when run as a command (hyperiqa_jax/allocator.py)
     parser = argparse.ArgumentParser(
         description="Median images/s of the full E6 model (JAX vs the PyTorch reference). "
                     "On CPU, preload tcmalloc for both (docs/benchmarks.md).")
@@ -182,41 +245,49 @@ def main(argv=None) -> int:
                         help="time jax and torch alternately in this process; print the "
                              "JAX/torch ratio per pair and their median")
     parser.add_argument("--model", choices=MODELS, default="tiny",
-                        help="Swin-T, Swin-S or Swin-B backbone in the E6 model")
+                        help="Swin-T, Swin-S or Swin-B backbone in the E6 model "
+                             "(micro: a narrow one-block-per-stage Swin-T, for smoke tests)")
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
                         help="eval: forward only; train: forward, backward and AdamW update")
     parser.add_argument("--batch", type=int, default=8, help="images (224x224) per call")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (torch: autocast to it)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="steps per timed call, one device wait at its end")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--torch-compile", action="store_true",
                         help="wrap the torch model in torch.compile")
+    parser.add_argument("--torch-layout", choices=("auto", "nchw", "channels_last"),
+                        default="auto", help="torch memory format (auto: channels-last on GPU)")
     parser.add_argument("--peak-flops", type=float, default=0.0,
-                        help="device peak FLOP/s for MFU (default: looked up by device kind)")
+                        help="device peak FLOP/s for MFU (default: looked up by device kind "
+                             "and dtype; float32 against the TF32 peak)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
-    TorchRunner.compile = args.torch_compile
 
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     config = model_config(args.model, args.dtype)
     frameworks = ("jax", "torch") if args.vs else (args.framework,)
+    torch_options = {"compile": args.torch_compile, "layout": args.torch_layout}
     runners, warmup = {}, {}
     for name in frameworks:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        runners[name], warmup[name] = build(name, config, args.mode, args.batch)
+        runners[name], warmup[name] = build(name, config, args.mode, args.batch,
+                                            **(torch_options if name == "torch" else {}))
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         runners[name].rss_growth_mb = (rss_after - rss_before) / 1024
 
     times = {name: [] for name in frameworks}
     for _ in range(args.repeats):
         for name in frameworks:
-            times[name].append(timed(runners[name]))
+            times[name].append(timed(runners[name], args.steps_per_call))
 
     result = {"model": args.model, "mode": args.mode, "batch": args.batch, "dtype": args.dtype,
+              "steps_per_call": args.steps_per_call,
               "device": str(jax.devices()[0].device_kind), "frameworks": {}}
     for name in frameworks:
         median = float(np.median(times[name]))
@@ -225,9 +296,14 @@ def main(argv=None) -> int:
                  "rss_growth_mb": runners[name].rss_growth_mb, **runners[name].memory()}
         if name == "jax":
             flops = runners[name].flops()
-            peak = args.peak_flops or peak_flops(result["device"])
+            peak = args.peak_flops or peak_flops(result["device"], args.dtype)
             entry["flops_per_step"] = flops
+            entry["flops_lowered"] = _float_or_none(runners[name].cost("lowered").get("flops"))
+            entry["peak_flops"] = peak
             entry["mfu"] = flops / median / peak if flops and peak else None
+        else:
+            entry["layout"] = runners[name].layout
+            entry["compiled"] = bool(args.torch_compile)
         result["frameworks"][name] = entry
     if args.vs:
         ratios = [t / j for j, t in zip(times["jax"], times["torch"])]

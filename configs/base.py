@@ -1,4 +1,4 @@
-"""E6, the seed's best model: Swin-B, four-stage fusion, channel attention (SPEC 1, 2).
+"""E6, the seed's best model: Swin-B, four-stage fusion, channel attention.
 
     python -m hyperiqa_jax.train --config configs/base.py --workdir runs/base \
         --config.data.root=/data/koniq10k \
@@ -6,6 +6,10 @@
 
 Seed's result on the KonIQ-10k test split: SRCC 0.9378, PLCC 0.9485
 (88-89M parameters, 15.3 GMACs at 224).
+
+Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
+--config.model.dtype=float32 forces float32 everywhere.
 """
 
 from configs.common import seed_config

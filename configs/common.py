@@ -1,4 +1,4 @@
-"""Shared pieces of the configs: the seed's recipe (SPEC section 2) for one model size.
+"""Shared pieces of the configs: the seed's recipe (docs/models.md) for one model size.
 
 Every config file in this folder is a plain `get_config()` that starts from
 `seed_config(...)` and changes what its variant changes.
@@ -29,7 +29,11 @@ def model_config(size="base"):
     m.target_in_size = 224
     m.target_fc_sizes = (112, 56, 28, 14)
     m.feature_size = 7
-    m.dtype = "float32"            # activations; "bfloat16" on accelerators. Params stay float32.
+    # Compute dtype of matmuls and convolutions; parameters, LayerNorm statistics, softmax,
+    # loss and optimiser stay float32. "auto": bfloat16 on a GPU or TPU, float32 on the CPU.
+    m.dtype = "auto"
+    m.kernels = "auto"             # "auto", "cpu" or "generic" (models/cpu_kernels.py).
+    m.remat = "none"               # "block": recompute each block in the backward (less memory).
     return m
 
 

@@ -55,7 +55,7 @@ def get_config():
 
     d = config.data
     d.name = "demo"
-    d.root = ""  # "" = generate (once) into $HYPERIQA_JAX_CACHE/demo or ~/.cache/hyperiqa_jax.
+    d.root = ""  # "" = generate once into ~/.cache/hyperiqa_jax/demo-v3 (or $HYPERIQA_JAX_CACHE/)
     d.resize = None  # the images are 256x256: crop them as they are (resizing blurs distortions)
     d.crop_size = 224
     d.train_crops = 1  # one crop per image per epoch: a batch holds 8 different images

@@ -3,7 +3,7 @@
 LDA from layer1..layer4, hyper input = layer4 alone (2048 -> 1024 -> 512 -> 112),
 no attention, no dropout / stochastic depth (the original has none). BatchNorm
 uses batch statistics in training and running averages at evaluation. Trained
-with the seed's recipe (SPEC section 2) so the ablation rows are comparable.
+with the seed's recipe (configs/common.py) so the ablation rows are comparable.
 
     python -m hyperiqa_jax.train --config configs/resnet50_hyperiqa.py \
         --workdir runs/c0 --config.data.root=/data/koniq10k
@@ -14,6 +14,10 @@ Converting the public KonIQ checkpoint of the original code instead:
         --checkpoint koniq_pretrained.pkl --out weights/hyperiqa_koniq
 
 Seed's (and the paper's) result on KonIQ-10k test: SRCC 0.907, PLCC ~0.918.
+
+Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
+--config.model.dtype=float32 forces float32 everywhere.
 """
 
 from configs.common import seed_config

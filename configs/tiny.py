@@ -5,6 +5,10 @@
         --config.pretrained_backbone=weights/swin_tiny_patch4_window7_224
 
 Seed's result on KonIQ-10k test: SRCC 0.9249, PLCC 0.9360 (29.5M parameters, 4.5 GMACs).
+
+Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
+--config.model.dtype=float32 forces float32 everywhere.
 """
 
 from configs.common import seed_config

@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of a config's model, next to the seed's figures (SPEC 1.8).
+"""Parameters and FLOPs of a config's model, next to the seed's reported figures.
 
     python -m hyperiqa_jax.complexity --config configs/base.py
     python -m hyperiqa_jax.complexity --config configs/tiny.py --config configs/small.py
@@ -18,7 +18,7 @@ import numpy as np
 
 from hyperiqa_jax.models import build_model
 
-# Seed's reported figures (SPEC 1.8): (params in millions, GMACs), None where not reported.
+# The seed's reported figures: (params in millions, GMACs), None where not reported.
 SEED_FIGURES = {
     "swin_base_patch4_window7_224/channel": (88.5, 15.3),
     "swin_small_patch4_window7_224/channel": (50.8, 8.7),

@@ -13,7 +13,6 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
 
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -81,13 +80,16 @@ def main(argv):
     quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        run_demo(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from hyperiqa_jax import train
+
+    train.check_workdir(FLAGS.workdir)
+    train.check_config(FLAGS.config)  # a bad override stops here, before the data is made
+    run_demo(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from hyperiqa_jax import allocator, cli
+
+    allocator.preload(__name__)
+    # Non-finite loss: its message says which checkpoint is good and what to change.
+    cli.run(main, define_flags=define_flags, expected=(FloatingPointError,))

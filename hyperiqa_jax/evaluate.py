@@ -12,6 +12,7 @@ set, attention weights by quality bin, and the training curves of the run's
 `metrics.jsonl` when the checkpoint sits in a training workdir.
 """
 
+import difflib
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from hyperiqa_jax import metrics
+from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
 
@@ -42,11 +44,20 @@ COLUMNS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
 
 def parse_data_arg(arg):
     """'name[:split]=root' -> (name, split, root)."""
+    from hyperiqa_jax.data import DATASETS
+
     if "=" not in arg:
-        raise ValueError(f"--data {arg!r}: expected NAME[:SPLIT]=ROOT, e.g. spaq=/data/spaq")
+        raise ConfigError(f"--data {arg!r}: expected NAME[:SPLIT]=ROOT, e.g. spaq=/data/spaq "
+                          f"(NAME: {', '.join(DATASETS)})")
     key, root = arg.split("=", 1)
     name, _, split = key.partition(":")
-    return name.strip(), (split.strip() or "all"), root
+    name = name.strip()
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"--data {arg!r}: unknown data set {name!r}; {hint}"
+                          f"NAME is one of {', '.join(DATASETS)}")
+    return name, (split.strip() or "all"), root
 
 
 def evaluate_dataset(model, name, split, root, *, seed=0):
@@ -55,7 +66,7 @@ def evaluate_dataset(model, name, split, root, *, seed=0):
 
     records = data.load_records(name, root, split, seed=seed)
     if not records:
-        raise ValueError(f"{name} ({root}, split {split}) has no images")
+        raise UserError(f"{name} ({root}, split {split}) has no images")
     preds = np.full(len(records), np.nan)
     attention = [None] * len(records)
     errors = {}
@@ -178,9 +189,9 @@ def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch
         bins=5):
     """Evaluates `checkpoint` on every `NAME[:SPLIT]=ROOT`; returns the list of results."""
     from hyperiqa_jax import checkpointing
-    from hyperiqa_jax.scoring import QualityModel
+    from hyperiqa_jax.scoring import QualityModel, find_checkpoint
 
-    manager_dir, _ = checkpointing.find_checkpoint(checkpoint)
+    manager_dir, _ = find_checkpoint(checkpoint)
     workdir = manager_dir.parent if manager_dir.name in (checkpointing.BEST_DIR,
                                                          checkpointing.LATEST_DIR) else None
     out = Path(out or (workdir / "eval" if workdir else "eval"))
@@ -222,16 +233,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.checkpoint or not FLAGS.data:
         raise app.UsageError("--checkpoint and at least one --data NAME[:SPLIT]=ROOT are needed")
-    try:
-        results = run(FLAGS.checkpoint, FLAGS.data, out=FLAGS.out, protocol=FLAGS.protocol,
-                      num_crops=FLAGS.num_crops, batch_size=FLAGS.batch_size,
-                      bins=FLAGS.quality_bins)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    for name in ("batch_size", "num_crops", "quality_bins"):
+        if FLAGS[name].value is not None and FLAGS[name].value < 1:
+            raise ConfigError(f"--{name}={FLAGS[name].value} must be at least 1")
+    for arg in FLAGS.data:  # every --data before the first is scored
+        parse_data_arg(arg)
+    results = run(FLAGS.checkpoint, FLAGS.data, out=FLAGS.out, protocol=FLAGS.protocol,
+                  num_crops=FLAGS.num_crops, batch_size=FLAGS.batch_size,
+                  bins=FLAGS.quality_bins)
     print(markdown_table(results))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from hyperiqa_jax import allocator, cli
+
+    allocator.preload(__name__)
+    cli.run(main, define_flags=define_flags)

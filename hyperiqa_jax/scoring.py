@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hyperiqa_jax import checkpointing, optim
+from hyperiqa_jax.cli import UserError
 from hyperiqa_jax.data import image as image_lib
 
 SCORE_DIRECTION = "higher is better"
@@ -65,15 +66,28 @@ class QualityModel:
         """Loads a training workdir (best checkpoint, else latest), best/, or a step folder."""
         from hyperiqa_jax import models
 
-        manager_dir, step = checkpointing.find_checkpoint(path)
-        meta = checkpointing.read_meta(manager_dir, step)
+        manager_dir, step = find_checkpoint(path)
+        where = f"checkpoint {manager_dir}/{step}"
+        try:
+            meta = checkpointing.read_meta(manager_dir, step)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where}: its meta item cannot be read ({_first_line(e)}); point "
+                            "--checkpoint at a run written by hyperiqa_jax.train") from e
+        if not {"model", "data", "train"} <= set(meta.get("config") or {}):
+            raise UserError(f"{where}: its meta item holds no training config; point "
+                            "--checkpoint at a run written by hyperiqa_jax.train")
         config = checkpointing.config_from_meta(meta)
         model = models.build_model(config.model)
         abstract = abstract_checkpoint_state(model, config, meta.get("state_kind", "train"))
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-        state = checkpointing.restore_state(manager_dir, step, target)
+        try:
+            state = checkpointing.restore_state(manager_dir, step, target)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{where}: its parameters cannot be restored into the model its "
+                            f"config describes ({_first_line(e)}); was it written by another "
+                            "version of this code, or only partly?") from e
         variables = {"params": state["params"]}
         if "batch_stats" in state:
             variables["batch_stats"] = state["batch_stats"]
@@ -183,6 +197,20 @@ class QualityModel:
         if any(a is None for a in attention):
             return scores, None
         return scores, np.stack(attention)
+
+
+def find_checkpoint(path):
+    """`checkpointing.find_checkpoint`, saying what --checkpoint takes when `path` is absent."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint path {os.path.abspath(path)} does not exist; --checkpoint "
+                        "takes a training workdir (e.g. runs/demo, which `make demo` writes), "
+                        "its best/ or checkpoints/ folder, or one step folder")
+    return checkpointing.find_checkpoint(path)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def _name(x):

@@ -15,6 +15,7 @@ axis would go into the mesh and `state_sharding`). With several processes each
 one reads its own shard of the input and process 0 alone writes logs.
 """
 
+import dataclasses
 import difflib
 import json
 import math
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from hyperiqa_jax import checkpointing, data, distributed, metrics, optim
 from hyperiqa_jax import models as models_lib
+from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
 # Keys a config may have beyond configs/common.py's seed_config, with defaults.
@@ -61,7 +63,11 @@ DOWNLOAD_HINT = (
 
 
 def check_config(config):
-    """Fills optional keys and rejects unknown ones (a typo would otherwise be ignored)."""
+    """Fills optional keys and rejects unknown keys and values that cannot work.
+
+    Raises `ConfigError` naming the key, so a mistake stops the run before the
+    first step instead of failing inside it (or, for a typo, being ignored).
+    """
     from configs import common  # The reference key set lives with the configs.
 
     template = common.seed_config()
@@ -75,19 +81,17 @@ def check_config(config):
     for section, keys in allowed.items():
         node = config if not section else config.get(section)
         if node is None:
-            raise ValueError(f"config has no '{section}' section")
+            raise ConfigError(f"config has no '{section}' section (start from "
+                              "configs/common.py's seed_config())")
         for key in node.keys():
             if key not in keys:
                 prefix = f"{section}." if section else ""
                 where = prefix + key
                 close = difflib.get_close_matches(key, sorted(keys), n=1)
                 hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-                raise ValueError(f"unknown config key '{where}'{hint} "
-                                 f"(known keys are listed in configs/common.py)")
-    crop_step = config.data.get("crop_step", 1)
-    if crop_step < 1:
-        raise ValueError(f"data.crop_step={crop_step} must be at least 1 "
-                         "(1: crop corners anywhere; 8: on JPEG's 8x8 block grid)")
+                raise ConfigError(f"unknown config key '{where}'{hint} "
+                                  f"(known keys are listed in configs/common.py)")
+    _check_values(config)
     tc = config.train
     if tc.eval_batch_size == 0:
         with config.unlocked():
@@ -95,8 +99,79 @@ def check_config(config):
     n = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if tc[name] % n:
-            raise ValueError(f"train.{name}={tc[name]} must be divisible by the {n} devices")
+            raise ConfigError(f"train.{name}={tc[name]} must be divisible by the {n} devices")
     return config
+
+
+# Values that must be at least 1 / at least 0 (`section.key`).
+AT_LEAST_ONE = ("train.batch_size", "train.epochs", "train.log_every_steps",
+                "train.checkpoint_every_steps", "train.keep_checkpoints", "data.crop_size",
+                "data.train_crops", "data.test_crops", "data.mix_images", "data.prefetch",
+                "data.crop_step", "model.img_size")
+AT_LEAST_ZERO = ("train.max_steps", "train.eval_every_steps", "train.eval_every_epochs",
+                 "train.eval_batch_size", "train.patience", "train.warmup_steps",
+                 "train.weight_decay", "train.grad_clip", "train.lr_ratio",
+                 "train.ranking_loss_weight", "data.num_workers")
+CHOICES = {"train.loss": ("l1", "smooth_l1"),
+           "train.schedule": ("cosine_epoch", "warmup_cosine", "constant"),
+           "data.eval_protocol": ("random", "center", "grid")}
+WHY = {"data.crop_step": " (1: crop corners anywhere; 8: on JPEG's 8x8 block grid)",
+       "train.eval_batch_size": " (0: the same as train.batch_size)",
+       "train.max_steps": " (0: train.epochs decides)"}
+
+
+def _check_values(config):
+    """Counts, ranges and names in the config (see check_config)."""
+    from hyperiqa_jax.models.cpu_kernels import KERNELS
+    from hyperiqa_jax.models.hyperiqa import ATTENTIONS
+    from hyperiqa_jax.models.swin import REMAT, SWIN_CONFIGS, SwinTransformer
+
+    def get(key):
+        section, _, name = key.partition(".")
+        return config[section].get(name)
+
+    def number(key):
+        value = get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return value
+
+    for key in AT_LEAST_ONE:
+        if get(key) is not None and number(key) < 1:
+            raise ConfigError(f"{key}={get(key)} must be at least 1{WHY.get(key, '')}")
+    for key in AT_LEAST_ZERO:
+        if get(key) is not None and number(key) < 0:
+            raise ConfigError(f"{key}={get(key)} must be at least 0{WHY.get(key, '')}")
+    if not number("train.lr") > 0:
+        raise ConfigError(f"train.lr={config.train.lr} must be positive")
+    if not 0 <= number("data.max_bad_fraction") <= 1:
+        raise ConfigError(f"data.max_bad_fraction={config.data.max_bad_fraction} must be "
+                          "between 0 and 1 (the fraction of images allowed to fail to decode)")
+    choices = dict(CHOICES, **{"model.attention": ATTENTIONS, "model.dtype": models_lib.DTYPES,
+                               "model.kernels": KERNELS, "model.remat": REMAT})
+    choices["model.backbone"] = tuple(SWIN_CONFIGS) + models_lib.RESNET_BACKBONES
+    choices["data.name"] = data.DATASETS
+    for key, allowed in choices.items():
+        value = get(key)
+        if value not in allowed:
+            close = (difflib.get_close_matches(str(value), allowed, n=1)
+                     or [a for a in allowed if str(value) and str(value) in a])
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
+    if config.model.attention == "scale" and not config.model.multi_scale:
+        raise ConfigError("model.attention='scale' weighs the four stages: it needs "
+                          "model.multi_scale=True")
+    overrides = set(dict(config.model.get("backbone_overrides") or {}))
+    fields = {f.name for f in dataclasses.fields(SwinTransformer)} - {"parent", "name"}
+    if config.model.backbone in SWIN_CONFIGS and overrides - fields:
+        raise ConfigError(f"model.backbone_overrides has unknown Swin field(s) "
+                          f"{sorted(overrides - fields)}; known: {', '.join(sorted(fields))}")
+    try:  # the resize against the crop (the data module's own check)
+        data.target_size(config.data.crop_size, config.data.crop_size, config.data.resize,
+                         config.data.crop_size)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e) if isinstance(e, ConfigError) else
+                          f"data.resize={config.data.resize!r}: {e}") from None
 
 
 def _log(message):
@@ -307,9 +382,9 @@ def load_pretrained_backbone(path, backbone_params):
         missing = sorted(set(want) - set(got))[:5]
         extra = sorted(set(got) - set(want))[:5]
         shape = [k for k in set(want) & set(got) if want[k] != got[k]][:5]
-        raise ValueError(f"pretrained_backbone {path} does not fit the configured backbone: "
-                         f"missing {missing}, unexpected {extra}, wrong shape {shape}. "
-                         "Convert the checkpoint that matches config.model.backbone.")
+        raise ConfigError(f"pretrained_backbone {path} does not fit the configured backbone: "
+                          f"missing {missing}, unexpected {extra}, wrong shape {shape}. "
+                          "Convert the checkpoint that matches config.model.backbone.")
     return jax.tree.map(lambda ref, x: np.asarray(x, ref.dtype), backbone_params, loaded)
 
 
@@ -358,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- Input: this process's shard of the train set; the test set in full.
     train_records, test_records = load_train_test_records(config)
     if not train_records:
-        raise ValueError(f"no training images in {config.data.name} ({config.data.root})")
+        raise UserError(f"no training images in {config.data.name} ({config.data.root})")
     scores = np.array([r.score for r in train_records], np.float64)
     label_stats = ((float(scores.mean()), float(scores.std()) or 1.0)
                    if tc.standardize_labels else (0.0, 1.0))
@@ -401,7 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run_meta.update({k: meta.get(k, v) for k, v in run_meta.items()})
         label_stats_saved = tuple(meta["label_mean_std"])
         if not np.allclose(label_stats_saved, label_stats):
-            raise ValueError("the training labels changed since the checkpoint was written")
+            raise UserError(f"the training labels changed since the checkpoint in {workdir} was "
+                            "written: use a new --workdir, or the data it was trained on")
         _log(f"Resumed from {ckpt.latest.directory} at step {resume_step}")
     else:
         state = jax.jit(init_fn, out_shardings=shardings["state"])(rng)
@@ -561,21 +637,67 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 
 
+def check_workdir(workdir):
+    """A workdir must be a folder or not exist yet (it is created)."""
+    path = Path(workdir)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--workdir {workdir}: {parent} is a file, not a folder; give a "
+                            "folder for the run (it is created if it does not exist)")
+        if parent.exists():
+            break
+
+
+def check_images(records, data_config, sample=32):
+    """Decodes a spread of `sample` training images before any set-up.
+
+    Fails (TooManyBadImagesError, the pipeline's own rule and message) only when
+    these alone exceed data.max_bad_fraction of all images, which the run would
+    reach anyway; a folder of unreadable files then fails in a second instead of
+    after the compilation.
+    """
+    from hyperiqa_jax.data.pipeline import BadImageTracker
+
+    tracker = BadImageTracker(len(records), float(data_config.max_bad_fraction))
+    for record in records[::max(1, len(records) // sample)][:sample]:
+        try:
+            data.load_resized(record.path, data_config.resize, data_config.crop_size,
+                              draft=bool(data_config.get("decode_draft", False)))
+        except data.ImageDecodeError as e:
+            tracker.report(e)
+
+
 def main(argv):
     FLAGS = flags.FLAGS
     quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    distributed.initialize()  # multi-host start-up, before anything touches a device
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise app.UsageError("--config and --workdir are required, e.g. "
+                             "--config=configs/demo.py --workdir=runs/demo")
+    check_workdir(FLAGS.workdir)
+    try:  # multi-host start-up, before anything touches a device
+        distributed.initialize()
+    except ValueError as e:  # the cluster settings (flags / JAX_* variables) do not fit
+        raise ConfigError(str(e)) from e
+    # Both again inside train_and_evaluate; here before any set-up (seconds, not minutes).
+    check_config(FLAGS.config)
+    backbone = FLAGS.config.pretrained_backbone
+    steps = (Path(FLAGS.workdir) / checkpointing.LATEST_DIR).glob("[0-9]*")
+    fresh_run = not any(steps)  # a resumed run does not load the backbone
+    if backbone and fresh_run and not Path(backbone).exists():
+        raise ConfigError(
+            f"pretrained_backbone {backbone} does not exist: convert timm weights with "
+            "`python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR` "
+            "(needs the torch extra) and pass --config.pretrained_backbone=DIR, or '' to train "
+            "from scratch")
+    check_images(load_train_test_records(FLAGS.config)[0], FLAGS.config.data)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from hyperiqa_jax import allocator, cli
+
+    allocator.preload(__name__)
+    # Non-finite loss: its message says which checkpoint is good and what to change.
+    cli.run(main, define_flags=define_flags, expected=(FloatingPointError,))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from hyperiqa_jax import predict
 from tests import train_utils
+from tests.test_report import PageParser
 
 REPO = Path(__file__).resolve().parents[1]
 train_utils.enable_compilation_cache()
@@ -57,9 +58,20 @@ def test_expand_paths(folder):
 
 def test_folder_with_bad_files(workdir, folder, tmp_path):
     out = tmp_path / "scores.csv"
-    proc = _run(["--checkpoint", workdir, "--output", out, folder, folder / "missing.jpg"])
+    html = tmp_path / "report.html"
+    proc = _run(["--checkpoint", workdir, "--output", out, "--report", html, folder,
+                 folder / "missing.jpg"])
     assert proc.returncode == 1, proc.stderr[-2000:]
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    # The report: the scored images best first with the CSV's scores, the failed with errors.
+    page = PageParser()
+    page.feed(html.read_text(encoding="utf-8"))
+    good = sorted((r for r in rows.values() if r["score"]), key=lambda r: -float(r["score"]))
+    assert [f["path"] for f in page.figures] == [r["path"] for r in good]
+    assert [f["score"] for f in page.figures] == [float(r["score"]) for r in good]
+    assert all(f["img"].startswith("data:image/jpeg;base64,") for f in page.figures)
+    assert {f["path"]: f["error"] for f in page.failed} == {
+        r["path"]: r["error"] for r in rows.values() if not r["score"]}
     assert set(rows) == {"big.jpg", "tiny.png", "grey.png", "nested.webp", "corrupt.jpg",
                          "empty.png", "truncated.jpg", "missing.jpg"}
     for name in ("big.jpg", "tiny.png", "grey.png", "nested.webp"):

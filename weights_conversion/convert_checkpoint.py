@@ -13,11 +13,11 @@ variables: {'params': ...} and, for ResNet-50, {'batch_stats': ...}.
 Config fields can be overridden as --config.model.backbone=swin_tiny_patch4_window7_224.
 """
 
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from hyperiqa_jax import cli
 from hyperiqa_jax.params_io import save_params
 from weights_conversion import hyperiqa as conversion
 from weights_conversion.swin import ConversionError, load_state_dict_file
@@ -41,19 +41,15 @@ def convert(config, checkpoint: str, out: str, fmt: str = "auto") -> dict:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None or not FLAGS.checkpoint or not FLAGS.out:
-        print("usage: --config configs/X.py --checkpoint FILE --out DIR [--format F]",
-              file=sys.stderr)
-        return 2
-    try:
-        meta = convert(FLAGS.config, FLAGS.checkpoint, FLAGS.out, FLAGS.format)
-    except (ConversionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise app.UsageError("usage: --config configs/X.py --checkpoint FILE --out DIR "
+                             "[--format F]")
+    meta = convert(FLAGS.config, FLAGS.checkpoint, FLAGS.out, FLAGS.format)
     print(f"converted {FLAGS.checkpoint} ({meta['format']} format) -> {FLAGS.out}")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main, expected=(ConversionError,))

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from hyperiqa_jax import cli
 from hyperiqa_jax.models.swin import SWIN_CONFIGS
 from hyperiqa_jax.params_io import save_params
 from weights_conversion import swin as swin_conversion
@@ -46,6 +47,11 @@ def pretrained_state_dict(name: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command; exit status 0 saved, 1 parity with timm failed, 2 a usage error."""
+    return cli.guarded(_main, expected=(swin_conversion.ConversionError, ConnectionError))(argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         description="Convert a timm / Microsoft Swin checkpoint to a JAX params directory.")
     parser.add_argument("--model", required=True, choices=sorted(SWIN_CONFIGS),
@@ -60,17 +66,13 @@ def main(argv=None) -> int:
                         help="skip the parity check against timm (needs torch + timm)")
     args = parser.parse_args(argv)
 
-    try:
-        if args.pretrained:
-            state_dict = pretrained_state_dict(args.model)
-            source_name = f"timm:{args.model} (pretrained)"
-        else:
-            state_dict = swin_conversion.load_state_dict_file(args.checkpoint)
-            source_name = args.checkpoint
-        params = swin_conversion.convert_state_dict(state_dict, args.model)
-    except (swin_conversion.ConversionError, FileNotFoundError, ConnectionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.pretrained:
+        state_dict = pretrained_state_dict(args.model)
+        source_name = f"timm:{args.model} (pretrained)"
+    else:
+        state_dict = swin_conversion.load_state_dict_file(args.checkpoint)
+        source_name = args.checkpoint
+    params = swin_conversion.convert_state_dict(state_dict, args.model)
     count = sum(int(np.prod(v.shape)) for v in _leaves(params))
     print(f"converted {count:,} parameters of {args.model} from {source_name}")
 

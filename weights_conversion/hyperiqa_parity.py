@@ -1,4 +1,4 @@
-"""Full-model parity: the JAX HyperIQA against `torch_reference.HyperIQAReference` (SPEC 4).
+"""Full-model parity: the JAX HyperIQA against `torch_reference.HyperIQAReference`.
 
 Forward: same (perturbed, score-calibrated) weights and images, float32, every
 intermediate compared: stage maps, pooled maps, LDA vector, fused map,

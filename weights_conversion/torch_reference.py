@@ -1,4 +1,4 @@
-"""PyTorch reference of the HyperIQA family, written from SPEC.md section 1 (NCHW, timm backbones).
+"""PyTorch reference of the HyperIQA family (NCHW, timm backbones), as docs/models.md describes it.
 
 This is what the JAX model (`hyperiqa_jax.models`) is checked against, and its
 `state_dict()` is checkpoint format (a) of `weights_conversion.hyperiqa`. Its

@@ -19,6 +19,8 @@ Labels and splits (`records.py`)::
   KADID/demo); 'json:PATH' (koniq_train.json-style image lists, PATH relative to
   root). Bad label files raise LabelFileError naming file, row and column; a
   missing data set raises DatasetNotFoundError saying what to download and where.
+  Both, like ImageDecodeError and TooManyBadImagesError, are hyperiqa_jax.cli.UserError:
+  the commands print them as one `error:` line (exit status 2).
 
 Images (`image.py`)::
 
@@ -27,6 +29,7 @@ Images (`image.py`)::
     load_resized(source, resize, crop_size, *, name=None, draft=False) -> uint8 [h, w, 3]
     preprocess_for_scoring(image, data_config, *, protocol=None, num_crops=None,
                            seed=0) -> float32 [N, crop, crop, 3]
+        # grid / center: evaluation's crops; random: seeded by `seed` only; no decode_draft
     crop_positions(height, width, crop, num, protocol, rng=None) -> int [N, 2]
     extract_crops(image, positions, crop, flips=None) -> uint8 [N, crop, crop, 3]
     normalize(uint8 images) -> float32 (ImageNet mean/std)
@@ -55,15 +58,17 @@ Pipelines (`pipeline.py`)::
 
   `records` may also be a `TfdsSource`. data_config fields read: crop_size,
   resize, train_crops, test_crops, eval_protocol, max_bad_fraction, num_workers
-  (decoding threads), and optional mix_images (images whose crops are shuffled
+  (decoding threads), and, with a default where a config lacks them
+  (configs/common.py sets them all), mix_images (images whose crops are shuffled
   together, default 16), random_flip (default True), prefetch (default 2),
-  decode_draft (default False: JPEGs decoded at reduced DCT scale when the resize
-  target allows, e.g. 4000x3000 SPAQ photos to 1000x750 before Resize).
+  crop_step (default 1), decode_draft (default False: JPEGs decoded at reduced
+  DCT scale when the resize target allows, e.g. 4000x3000 SPAQ photos to
+  1000x750 before Resize).
 
 Demo data set (`demo.py`)::
 
     ensure_demo_dataset(cache_dir=None) -> str   # root with manifest.csv
-        # default $HYPERIQA_JAX_CACHE/demo or ~/.cache/hyperiqa_jax/demo
+        # default $HYPERIQA_JAX_CACHE/demo-v3 or ~/.cache/hyperiqa_jax/demo-v3
 
 TFDS array_record (`tfds_builders.py`, no TensorFlow)::
 

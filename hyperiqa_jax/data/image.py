@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from hyperiqa_jax.cli import ConfigError, UserError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -39,7 +41,7 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError):
     """An image file could not be read or decoded. `path` names the file."""
 
     def __init__(self, path: str, reason: str):
@@ -167,11 +169,11 @@ def _check_resize(resize) -> tuple[int, int] | int | None:
         return None
     if isinstance(resize, (int, np.integer)):
         if resize <= 0:
-            raise ValueError(f"data.resize must be positive, got {resize}")
+            raise ConfigError(f"data.resize must be positive, got {resize}")
         return int(resize)
     resize = tuple(int(v) for v in resize)
     if len(resize) != 2 or min(resize) <= 0:
-        raise ValueError(f"data.resize must be (height, width), an int or None, got {resize}")
+        raise ConfigError(f"data.resize must be (height, width), an int or None, got {resize}")
     return resize
 
 
@@ -186,7 +188,7 @@ def target_size(width: int, height: int, resize, crop_size: int) -> tuple[int, i
     if isinstance(resize, tuple):
         h, w = resize
         if min(h, w) < crop_size:
-            raise ValueError(f"data.resize {resize} is smaller than data.crop_size {crop_size}")
+            raise ConfigError(f"data.resize {resize} is smaller than data.crop_size {crop_size}")
         return h, w
     h, w = height, width
     if isinstance(resize, int):
@@ -246,7 +248,7 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
     if height < crop or width < crop:
         raise ValueError(f"image {height}x{width} is smaller than the crop {crop}")
     if num <= 0:
-        raise ValueError(f"number of crops must be positive, got {num}")
+        raise ConfigError(f"number of crops must be positive, got {num}")
     if protocol == "random":
         if rng is None:
             raise ValueError("random crops need an rng")
@@ -264,7 +266,7 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
         xs = np.round(np.linspace(0, width - crop, cols)).astype(np.int64)
         grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
         return grid[:num]
-    raise ValueError(f"unknown crop protocol {protocol!r}; use 'random', 'center' or 'grid'")
+    raise ConfigError(f"unknown crop protocol {protocol!r}; use 'random', 'center' or 'grid'")
 
 
 def extract_crops(image: np.ndarray, positions: np.ndarray, crop: int,
@@ -296,13 +298,16 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 def preprocess_for_scoring(image, data_config, *, protocol: str | None = None,
                            num_crops: int | None = None, seed: int = 0) -> np.ndarray:
-    """Crops ready for the model from one image, as evaluation makes them.
+    """Crops ready for the model from one image (QualityModel, the predict CLI).
 
     image: a path, encoded bytes or a uint8 [H, W, 3] array. Resized per
     `data_config.resize`, then `num_crops` (default data_config.test_crops) crops
-    by `protocol` (default data_config.eval_protocol; 'random' uses `seed`).
-    Returns float32 [N, crop, crop, 3]. The model's image score is the mean of
-    its crop scores.
+    by `protocol` (default data_config.eval_protocol). 'grid' and 'center' give
+    the crops `make_eval_batches` gives; 'random' seeds its generator with `seed`
+    alone (evaluation uses (seed, image index)), so its crops differ from
+    evaluation's. The image is always decoded in full: `data.decode_draft` is
+    not applied. Returns float32 [N, crop, crop, 3]. The model's image score is
+    the mean of its crop scores.
     """
     crop = int(data_config.crop_size)
     protocol = protocol or data_config.eval_protocol

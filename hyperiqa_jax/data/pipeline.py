@@ -26,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.data.image import (
     ImageDecodeError,
     crop_positions,
@@ -38,7 +39,7 @@ from hyperiqa_jax.data.records import Record
 log = logging.getLogger(__name__)
 
 
-class TooManyBadImagesError(RuntimeError):
+class TooManyBadImagesError(UserError, RuntimeError):
     """More images failed to decode than data.max_bad_fraction allows."""
 
 
@@ -194,7 +195,7 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
     decode_draft (JPEG DCT-scaled decoding for big photos such as SPAQ, default False).
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     local_batch = batch_size
@@ -265,7 +266,7 @@ def make_eval_batches(records, data_config, *, batch_size: int, seed: int = 0,
     """
     protocol = protocol or _cfg(data_config, "eval_protocol", "random")
     if protocol not in ("random", "center", "grid"):
-        raise ValueError(f"unknown eval protocol {protocol!r}; use random, center or grid")
+        raise ConfigError(f"unknown eval protocol {protocol!r}; use random, center or grid")
     source = as_source(records)
     crop = int(data_config.crop_size)
     tracker = BadImageTracker(len(source), float(_cfg(data_config, "max_bad_fraction", 0.0)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import xml.etree.ElementTree as ET
 import zipfile
 
 import numpy as np
+
+from hyperiqa_jax.cli import ConfigError, UserError
 
 DATASETS = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "manifest", "demo")
 
@@ -45,11 +48,11 @@ class Record:
     ref: str | None = None
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
     """A label or split file is missing or malformed."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A data set's published files are not where they should be."""
 
 
@@ -420,9 +423,9 @@ def _read_manifest(root: str, label: str | None, path_column: str | None = None)
 
 def _random_split(records: list[Record], part: str, seed: int, ratio: float) -> list[Record]:
     if part not in ("train", "test"):
-        raise ValueError(f"a random split has only 'train' and 'test' parts, not {part!r}")
+        raise ConfigError(f"a random split has only 'train' and 'test' parts, not {part!r}")
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"split_ratio must be in (0, 1), got {ratio}")
+        raise ConfigError(f"split_ratio must be in (0, 1), got {ratio}")
     if any(r.ref is not None for r in records):
         groups = sorted({r.ref for r in records})
         perm = np.random.default_rng(seed).permutation(len(groups))
@@ -495,7 +498,9 @@ def load_records(name: str, root: str, split: str, *, label: str | None = None, 
     file's order (json splits: the list's order).
     """
     if name not in _READERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown data set {name!r}; {hint}choose one of {', '.join(DATASETS)}")
     if name == "demo" and not root:
         from hyperiqa_jax.data.demo import ensure_demo_dataset
 
@@ -504,7 +509,9 @@ def load_records(name: str, root: str, split: str, *, label: str | None = None, 
         hint = DOWNLOAD_HELP[name].replace("ROOT", "it")
         raise DatasetNotFoundError(f"{name}: no data root given (config.data.root). {hint}")
     if not os.path.exists(root):
-        raise _missing(name, root, "the root folder")
+        raise DatasetNotFoundError(
+            f"{name}: data root {root!r} does not exist (config.data.root). Expected layout: "
+            + DOWNLOAD_HELP[name].replace("ROOT", "it"))
     label = label or None
     if name in ("manifest", "demo"):
         records, official, split_file = _read_manifest(root, label, path_column)
@@ -514,7 +521,7 @@ def load_records(name: str, root: str, split: str, *, label: str | None = None, 
     split = (split or "").strip()
     out = _select(name, root, split, records, official, split_file, seed, split_ratio)
     if not out:
-        raise ValueError(f"{name}: split {split!r} of {root!r} is empty")
+        raise ConfigError(f"{name}: split {split!r} of {root!r} is empty")
     return out
 
 
@@ -526,7 +533,7 @@ def _select(name, root, split, records, official, split_file, seed, split_ratio)
     if part == "all" and mode in ("", "all"):
         return list(records)
     if part not in ("train", "val", "test"):
-        raise ValueError(f"unknown split {split!r}: use all, train, val, test, official:PART, "
+        raise ConfigError(f"unknown split {split!r}: use all, train, val, test, official:PART, "
                          "random:train / random:test or json:PATH")
     if mode == "":
         mode = "official" if (official is not None or name == "koniq10k") else "random"
@@ -535,7 +542,7 @@ def _select(name, root, split, records, official, split_file, seed, split_ratio)
             if name == "koniq10k":
                 raise _missing("koniq10k", root, "koniq10k_distributions_sets.csv (official "
                                "split; or use split 'random:train' / 'random:test')")
-            raise ValueError(f"{name}: no official split in the labels; use 'random:{part}'")
+            raise ConfigError(f"{name}: no official split in the labels; use 'random:{part}'")
         missing = [r.image_id for r in records if r.image_id not in official]
         if missing and name == "koniq10k":
             raise LabelFileError(f"{split_file}: {len(missing)} labelled image(s) have no set, "
@@ -543,4 +550,4 @@ def _select(name, root, split, records, official, split_file, seed, split_ratio)
         return [r for r in records if official.get(r.image_id) == part]
     if mode == "random":
         return _random_split(records, part, seed, split_ratio)
-    raise ValueError(f"unknown split mode {mode!r} in {split!r}")
+    raise ConfigError(f"unknown split mode {mode!r} in {split!r}")

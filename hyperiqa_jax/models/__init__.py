@@ -1,5 +1,6 @@
 """Model family: HyperIQA with a Swin (E6 / A1 / A2, SMART-IQA) or ResNet-50 (C0) backbone."""
 
+import jax
 import jax.numpy as jnp
 
 from hyperiqa_jax.models.hyperiqa import HyperIQA
@@ -12,14 +13,31 @@ RESNET_BACKBONES = ("resnet50",)
 HYPER_FEATURE_WIDTHS = {"resnet": (1024, 512), "swin": (512, 256)}
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+ACCELERATOR_DTYPE = "bfloat16"  # model.dtype="auto" on a GPU or TPU; float32 on the CPU.
+
+
+def compute_dtype(model_config, backend: str | None = None) -> jnp.dtype:
+    """`model_config.dtype`, with "auto" resolved for `backend` (default: JAX's default)."""
+    name = model_config.get("dtype", "auto")
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
+    if name == "auto":
+        backend = backend or jax.default_backend()
+        name = "float32" if backend == "cpu" else ACCELERATOR_DTYPE
+    return jnp.dtype(name)
+
+
 def build_backbone(model_config):
     """The backbone module named by `model_config.backbone` (a timm Swin name or 'resnet50')."""
-    dtype = jnp.dtype(model_config.get("dtype", "float32"))
+    dtype = compute_dtype(model_config)
     if model_config.backbone in RESNET_BACKBONES:
-        return ResNet50(dtype=dtype)
+        return ResNet50(dtype=dtype, remat=model_config.get("remat", "none"))
     overrides = dict(model_config.get("backbone_overrides", None) or {})
     overrides.setdefault("img_size", model_config.get("img_size", 224))
     overrides.setdefault("drop_path_rate", model_config.get("drop_path_rate", 0.0))
+    overrides.setdefault("kernels", model_config.get("kernels", "auto"))
+    overrides.setdefault("remat", model_config.get("remat", "none"))
     overrides["dtype"] = dtype
     return swin_from_name(model_config.backbone, **overrides)
 
@@ -45,9 +63,9 @@ def build_model(model_config) -> HyperIQA:
         dropout=float(model_config.dropout),
         attention_dropout=float(model_config.get("attention_dropout", 0.5)),
         small_target_init=bool(model_config.get("small_target_init", False)),
-        dtype=jnp.dtype(model_config.get("dtype", "float32")),
+        dtype=compute_dtype(model_config),
     )
 
 
 __all__ = ["HyperIQA", "ResNet50", "SwinTransformer", "build_backbone", "build_model",
-           "swin_from_name"]
+           "compute_dtype", "swin_from_name"]

@@ -1,4 +1,4 @@
-"""HyperIQA head (SPEC section 1): LDA vector, multi-scale fusion, attention, hyper network,
+"""HyperIQA head (docs/models.md): LDA vector, multi-scale fusion, attention, hyper network,
 and a per-image target network.
 
     backbone stage maps ─┬─ LDA ────────────────────────────────► target_in_vec [224]

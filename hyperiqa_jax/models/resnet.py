@@ -79,6 +79,7 @@ class ResNet50(nn.Module):
 
     layers: tuple[int, ...] = (3, 4, 6, 3)
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # "block": recompute each bottleneck's activations in the backward.
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -92,11 +93,15 @@ class ResNet50(nn.Module):
                     dtype=self.dtype, name="conv1")(images.astype(self.dtype))
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.remat not in ("none", "block"):
+            raise ValueError(f"remat must be 'none' or 'block', got {self.remat!r}")
+        # Argument 2 of Bottleneck's __call__ (self counts), `train`, is a Python bool.
+        block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat == "block" else Bottleneck
         features = []
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = Bottleneck(planes, stride, downsample=j == 0, dtype=self.dtype,
+                x = block(planes, stride, downsample=j == 0, dtype=self.dtype,
                                name=f"layer{i + 1}_{j}")(x, train)
             features.append(x)
         return tuple(features)

@@ -5,7 +5,7 @@ norm), e.g. 56x56xC0, 28x28xC1, 14x14xC2, 7x7xC3 for a 224 input. Parameter
 names follow timm's (`layers_{i}/blocks_{j}/attn/qkv`, ...) so that conversion
 is a rename plus transposes (see `weights_conversion/swin.py`).
 
-Details that must match timm 1.0 (ENGINEERING.md, "Swin: facts"):
+Details that must match timm 1.0 (docs/models.md, "Swin details"):
 - patch merging at the start of stages 1-3, 2x2 channel order
   [x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]];
 - LayerNorm eps 1e-5 with the exact variance; GELU with erf;
@@ -16,12 +16,15 @@ Details that must match timm 1.0 (ENGINEERING.md, "Swin: facts"):
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hyperiqa_jax.models import cpu_kernels
 
 # timm name -> architecture. Window-12 models are the 384-pixel variants.
 SWIN_CONFIGS = {
@@ -120,129 +123,47 @@ def stage_window(size: tuple[int, int], window_size: int, shifted: bool):
     return window, shift
 
 
-def _materialize(x):
-    """x, computed into its own buffer that XLA cannot fuse through or fold away.
+def window_attention(qkv, bias, *, num_heads: int):
+    """softmax(q k^T / sqrt(d) + bias) v in every window, heads concatenated.
 
-    XLA:CPU drops optimization barriers before fusing; a conditional on the data
-    is a boundary it keeps. It passes x through unless x's first element is NaN,
-    in which case all of x becomes NaN (it is broken anyway).
+    qkv: [B, nW, N, 3C] with rows [q | k | v], each head-major (timm's layout);
+    bias: [heads, N, N] or [nW, heads, N, N] (relative position bias + shift mask).
+    Returns [B, nW, N, C]. q is scaled before the product, as timm does.
     """
-    first = x.reshape(-1)[0]
-    return jax.lax.cond(first == first, lambda t: t, lambda t: jnp.full_like(t, jnp.nan), x)
+    b, nw, n, c3 = qkv.shape
+    head_dim = c3 // (3 * num_heads)
+    # [B * nW, N, 3, heads, d]: windows are the batch, tokens the sequence.
+    qkv = qkv.reshape(b * nw, n, 3, num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if bias.ndim == 3:
+        bias = bias[None]
+    else:  # One mask per window position, the same for every image.
+        bias = jnp.broadcast_to(bias[None], (b,) + bias.shape).reshape(b * nw, *bias.shape[1:])
+    out = jax.nn.dot_product_attention(q * (head_dim ** -0.5), k, v, bias=bias, scale=1.0)
+    return out.reshape(b, nw, n, c3 // 3)
 
 
-@jax.custom_vjp
-def materialize_grad(x):
-    """Identity whose incoming gradient is computed once, into a buffer.
-
-    Without it XLA's CPU backend fuses the residual stream's whole chain of
-    gradient additions into every block's backward fusions and recomputes it
-    in each: work quadratic in the depth (the Swin-B E6 train step took 12.1 s
-    instead of 6.8 s at batch 8 on 2 cores). Applied at every block's input.
-    """
-    return x
-
-
-def _materialize_grad_fwd(x):
-    return x, None
-
-
-def _materialize_grad_bwd(_, g):
-    return (_materialize(g),)
-
-
-materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
-
-
-def _transposed_copy(x):
-    """x with its last two axes swapped, materialised in that layout (`_materialize`).
-
-    Without the barrier XLA folds the transpose into the dimension numbers of
-    the product that reads it, and XLA:CPU runs a product whose left operand
-    contracts a non-minor axis outside YNNPACK, several times slower.
-    """
-    return _materialize(jnp.swapaxes(x, -1, -2))
-
-
-def _attention_forward(q, k, v, bias):
-    logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k).astype(jnp.float32) + bias
-    weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bwhqk,bwhkd->bwhqd", weights.astype(v.dtype), v), weights
-
-
-@jax.custom_vjp
-def window_attention_core(q, k, v, bias):
-    """softmax(q k^T + bias) v over [B, nW, heads, N, d]; bias broadcasts to the logits.
-
-    The gradient is written out so that its two products over the query axis
-    (dk = dlogits^T q, dv = weights^T dout) read explicitly transposed copies.
-    Left to autodiff, XLA folds those transposes into the products, and XLA:CPU
-    runs a product that contracts its left operand's second-to-last axis
-    outside YNNPACK at a tenth of the speed. The values agree with autodiff's up
-    to float rounding (not bit for bit: from-scratch training can diverge).
-    """
-    return _attention_forward(q, k, v, bias)[0]
-
-
-def _attention_fwd(q, k, v, bias):
-    out, weights = _attention_forward(q, k, v, bias)
-    return out, (q, k, v, weights, bias.shape)
-
-
-def _attention_bwd(residuals, dout):
-    q, k, v, weights, bias_shape = residuals
-    d_weights = jnp.einsum("bwhqd,bwhkd->bwhqk", dout, v).astype(jnp.float32)
-    d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
-    dv = jnp.einsum("bwhkq,bwhqd->bwhkd", _transposed_copy(weights.astype(v.dtype)), dout)
-    d_logits_c = d_logits.astype(q.dtype)
-    dq = jnp.einsum("bwhqk,bwhkd->bwhqd", d_logits_c, k)
-    dk = jnp.einsum("bwhkq,bwhqd->bwhkd", _transposed_copy(d_logits_c), q)
-    lead = d_logits.ndim - len(bias_shape)
-    d_bias = jnp.sum(d_logits, axis=tuple(range(lead)))
-    d_bias = jnp.sum(d_bias, axis=tuple(i for i, s in enumerate(bias_shape) if s == 1),
-                     keepdims=True)
-    return dq, dk, dv, d_bias
-
-
-window_attention_core.defvjp(_attention_fwd, _attention_bwd)
-
-
-@jax.custom_vjp
-def _matmul(x, kernel):
-    """x @ kernel for x [M, K]; the weight gradient transposes the narrower operand."""
-    return x @ kernel
-
-
-def _matmul_fwd(x, kernel):
-    return x @ kernel, (x, kernel)
-
-
-def _matmul_bwd(residuals, dy):
-    # The weight gradient contracts the M rows of x and dy, so one of them must
-    # be transposed; autodiff leaves the choice to XLA, which transposes dy even
-    # when it is 3-4x wider than x (qkv, fc1).
-    x, kernel = residuals
-    if x.shape[1] <= dy.shape[1]:
-        d_kernel = _transposed_copy(x) @ dy
-    else:
-        d_kernel = (_transposed_copy(dy) @ x).T
-    return dy @ kernel.T, d_kernel
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+def patch_projection(x, kernel):
+    """p x p convolution with stride p, VALID (remainder rows and columns dropped)."""
+    p = kernel.shape[0]
+    return jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Dense(nn.Module):
-    """nn.Dense (same parameters, initialisers and forward numbers) with `_matmul`'s gradient."""
+    """nn.Dense (same parameters, initialisers and numbers) whose product `kernels` picks."""
 
     features: int
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        y = _matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = cpu_kernels.choose(self.kernels, cpu_kernels.cpu_matmul, jnp.matmul,
+                               rows, kernel.astype(self.dtype))
         y = y.reshape(x.shape[:-1] + (self.features,))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
@@ -272,12 +193,12 @@ class WindowAttention(nn.Module):
     num_heads: int
     window: tuple[int, int]
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, windows, mask=None):
         # windows: [B, num_windows, N, C]; mask: [num_windows, N, N] or None.
-        b, nw, n, c = windows.shape
-        head_dim = self.dim // self.num_heads
+        n = windows.shape[2]
         wh, ww = self.window
         table = self.param(
             "relative_position_bias_table", nn.initializers.truncated_normal(0.02),
@@ -287,33 +208,35 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = bias[None] + mask[:, None]  # [nW, heads, N, N]
 
-        qkv = Dense(3 * self.dim, dtype=self.dtype, name="qkv")(windows)
-        # One transpose to [3, B, nW, heads, N, d]: q, k, v are then contiguous
-        # slices, both einsums need no further transposes, and the gradient of
-        # the split is a concatenation along the leading axis.
-        qkv = qkv.reshape(b, nw, n, 3, self.num_heads, head_dim).transpose(3, 0, 1, 4, 2, 5)
-        q, k, v = (t[0] for t in jnp.split(qkv, 3, axis=0))
-        out = window_attention_core(q * (head_dim ** -0.5), k, v, bias)
-        out = out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
-        return Dense(self.dim, dtype=self.dtype, name="proj")(out)
+        qkv = Dense(3 * self.dim, dtype=self.dtype, kernels=self.kernels, name="qkv")(windows)
+        attention = functools.partial(window_attention, num_heads=self.num_heads)
+        cpu_attention = functools.partial(cpu_kernels.cpu_window_attention,
+                                          num_heads=self.num_heads)
+        out = cpu_kernels.choose(self.kernels, cpu_attention, attention, qkv, bias)
+        return Dense(self.dim, dtype=self.dtype, kernels=self.kernels, name="proj")(out)
 
 
 class Mlp(nn.Module):
     hidden_dim: int
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         out_dim = x.shape[-1]
-        x = Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.hidden_dim, dtype=self.dtype, kernels=self.kernels, name="fc1")(x)
         # Exact GELU as PyTorch computes it, 0.5 x (1 + erf(x / sqrt 2)): XLA's
         # erf is far cheaper than the erfc that jax.nn.gelu uses.
         x = 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
-        return Dense(out_dim, dtype=self.dtype, name="fc2")(x)
+        return Dense(out_dim, dtype=self.dtype, kernels=self.kernels, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
-    """(Shifted) window attention + MLP, each pre-normed with a residual."""
+    """(Shifted) window attention + MLP, each pre-normed with a residual.
+
+    The residual stream keeps its own dtype (`SwinTransformer.residual_dtype`);
+    the two branches compute in `dtype` and are added to it.
+    """
 
     dim: int
     num_heads: int
@@ -322,12 +245,13 @@ class SwinBlock(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _, h, w, _ = x.shape
         window, shift = stage_window((h, w), self.window_size, self.shifted)
-        x = materialize_grad(x)
+        x = cpu_kernels.choose(self.kernels, cpu_kernels.materialize_grad, lambda t: t, x)
 
         y = LayerNorm(dtype=self.dtype, name="norm1")(x)
         if any(shift):
@@ -337,16 +261,16 @@ class SwinBlock(nn.Module):
             y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         hp, wp = h + pad_h, w + pad_w
         mask = jnp.asarray(shifted_window_mask(hp, wp, window, shift)) if any(shift) else None
-        y = WindowAttention(self.dim, self.num_heads, window, self.dtype, name="attn")(
-            window_partition(y, window), mask)
+        y = WindowAttention(self.dim, self.num_heads, window, self.dtype, self.kernels,
+                            name="attn")(window_partition(y, window), mask)
         y = window_reverse(y, window, hp, wp)[:, :h, :w]
         if any(shift):
             y = jnp.roll(y, shift, axis=(1, 2))
-        x = x + DropPath(self.drop_path)(y, train)
+        x = x + DropPath(self.drop_path)(y, train).astype(x.dtype)
 
         y = LayerNorm(dtype=self.dtype, name="norm2")(x)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
-        return x + DropPath(self.drop_path)(y, train)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.kernels, name="mlp")(y)
+        return x + DropPath(self.drop_path)(y, train).astype(x.dtype)
 
 
 class PatchMerging(nn.Module):
@@ -354,6 +278,7 @@ class PatchMerging(nn.Module):
 
     out_dim: int
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -365,32 +290,30 @@ class PatchMerging(nn.Module):
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
         x = x.reshape(b, h // 2, w // 2, 4 * c)
         x = LayerNorm(dtype=self.dtype, name="norm")(x)
-        return Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
+        return Dense(self.out_dim, use_bias=False, dtype=self.dtype, kernels=self.kernels,
+                     name="reduction")(x)
 
 
 class PatchProjection(nn.Module):
-    """nn.Conv with a p x p kernel and stride p (same parameters), as patches @ kernel.
+    """nn.Conv with a p x p kernel and stride p, VALID: the same parameters and numbers.
 
-    Non-overlapping patches make the convolution one matrix product over
-    flattened patches, which XLA:CPU runs about twice as fast, forward and
-    backward, as its strided convolution (measured on [16, 224, 224, 19]).
+    `kernels` picks the convolution or (XLA:CPU) one product of flattened patches.
     """
 
     features: int
     patch_size: int
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        b, h, w, c = x.shape
         p = self.patch_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (p, p, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        # [B, H/p, p, W/p, p, C] -> [B, H/p, W/p, p, p, C]: the kernel's (dy, dx, c) order.
-        patches = x[:, :h - h % p, :w - w % p].reshape(b, h // p, p, w // p, p, c)
-        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * c)
-        y = _matmul(patches.astype(self.dtype), kernel.reshape(p * p * c, -1).astype(self.dtype))
-        return y.reshape(b, h // p, w // p, self.features) + bias.astype(self.dtype)
+        y = cpu_kernels.choose(self.kernels, cpu_kernels.cpu_patch_projection, patch_projection,
+                               x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
 
 
 def zero_mean_init(key, shape, dtype=jnp.float32):
@@ -417,6 +340,8 @@ class PatchEmbed(nn.Module):
     stem_channels: int = 0
     patch_norm: bool = True
     dtype: jnp.dtype = jnp.float32
+    residual_dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -425,8 +350,10 @@ class PatchEmbed(nn.Module):
             responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
                                 kernel_init=zero_mean_init, name="stem")(x)
             x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
-        x = PatchProjection(self.embed_dim, p, self.dtype, name="proj")(x)
-        return LayerNorm(dtype=self.dtype, name="norm")(x) if self.patch_norm else x
+        x = PatchProjection(self.embed_dim, p, self.dtype, self.kernels, name="proj")(x)
+        if self.patch_norm:
+            return LayerNorm(dtype=self.residual_dtype, name="norm")(x)
+        return x.astype(self.residual_dtype)
 
 
 class SwinStage(nn.Module):
@@ -438,16 +365,26 @@ class SwinStage(nn.Module):
     drop_path: Sequence[float]
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    residual_dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.downsample:
-            x = PatchMerging(self.dim, self.dtype, name="downsample")(x)
+            x = PatchMerging(self.dim, self.dtype, self.kernels, name="downsample")(x)
+            x = x.astype(self.residual_dtype)
+        # remat="block": keep only each block's input for the backward pass and
+        # recompute the rest (argument 2, `train`, is a Python bool).
+        block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat == "block" else SwinBlock
         for j in range(self.depth):
-            x = SwinBlock(self.dim, self.num_heads, self.window_size, shifted=j % 2 == 1,
-                          mlp_ratio=self.mlp_ratio, drop_path=self.drop_path[j],
-                          dtype=self.dtype, name=f"blocks_{j}")(x, train)
+            x = block(self.dim, self.num_heads, self.window_size, shifted=j % 2 == 1,
+                      mlp_ratio=self.mlp_ratio, drop_path=self.drop_path[j], dtype=self.dtype,
+                      kernels=self.kernels, name=f"blocks_{j}")(x, train)
         return x
+
+
+REMAT = ("none", "block")
 
 
 class SwinTransformer(nn.Module):
@@ -456,6 +393,13 @@ class SwinTransformer(nn.Module):
     `img_size` documents the resolution the model was built for; any input whose
     sides are multiples of 32 runs, and computes what timm built with that
     `img_size` computes (smaller stage maps shrink the window, as in timm).
+
+    Mixed precision: `dtype` is the compute dtype of the matmuls and convolutions
+    (parameters stay float32); LayerNorm statistics and the attention softmax are
+    float32 whatever it is, and the residual stream between the branches (and so
+    the stage maps) is `residual_dtype`, float32 by default (docs/models.md).
+    `kernels` picks the implementation of four operations (models/cpu_kernels.py);
+    `remat="block"` recomputes each block's activations in the backward pass.
     """
 
     embed_dim: int = 96
@@ -469,6 +413,9 @@ class SwinTransformer(nn.Module):
     drop_path_rate: float = TIMM_DEFAULT_DROP_PATH_RATE
     img_size: int = 224
     dtype: jnp.dtype = jnp.float32
+    residual_dtype: jnp.dtype = jnp.float32
+    kernels: str = "auto"  # "auto", "cpu" or "generic" (models/cpu_kernels.py).
+    remat: str = "none"    # "none" or "block".
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -484,15 +431,21 @@ class SwinTransformer(nn.Module):
     def __call__(self, images, train: bool = False) -> tuple[jax.Array, ...]:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
+        if self.kernels not in cpu_kernels.KERNELS:
+            raise ValueError(f"kernels must be one of {cpu_kernels.KERNELS}, "
+                             f"got {self.kernels!r}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
         x = PatchEmbed(self.embed_dim, self.patch_size, self.stem_channels, self.patch_norm,
-                       self.dtype, name="patch_embed")(
+                       self.dtype, self.residual_dtype, self.kernels, name="patch_embed")(
             images.astype(self.dtype))
         features = []
         for i, (dim, depth, heads, rates) in enumerate(zip(
                 self.stage_channels, self.depths, self.num_heads, self.drop_path_rates())):
             x = SwinStage(dim, depth, heads, self.window_size, downsample=i > 0,
                           drop_path=tuple(rates), mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                          name=f"layers_{i}")(x, train)
+                          residual_dtype=self.residual_dtype, kernels=self.kernels,
+                          remat=self.remat, name=f"layers_{i}")(x, train)
             features.append(x)
         return tuple(features)
 
@@ -510,8 +463,9 @@ def swin_from_name(name: str, **overrides) -> SwinTransformer:
     if unknown:
         raise ValueError(f"unknown SwinTransformer field(s) {sorted(unknown)}")
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(fields.get("dtype"), str):
-        fields["dtype"] = jnp.dtype(fields["dtype"])
+    for key in ("dtype", "residual_dtype"):
+        if isinstance(fields.get(key), str):
+            fields[key] = jnp.dtype(fields[key])
     for key in ("depths", "num_heads"):
         fields[key] = tuple(fields[key])
     return SwinTransformer(**fields)

@@ -1,23 +1,94 @@
-"""Smoke test: the throughput benchmark runs both frameworks and reports a ratio.
+"""The throughput benchmark: both frameworks, consistent numbers, and the JAX step users run.
 
 Speed itself is measured by the benchmark command, never asserted here.
 """
 
 import json
 
+import jax
+import numpy as np
+import pytest
+
 from benchmarks import throughput
 
 
-def test_vs_runs_both_frameworks(capsys):
-    assert throughput.main(["--vs", "--model", "tiny", "--mode", "eval", "--batch", "1",
-                            "--repeats", "1", "--json"]) == 0
+def spy(monkeypatch, module, name):
+    """Counts the calls (traces, under jit) of module.name while delegating to it."""
+    calls = []
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_vs_runs_both_frameworks(capsys, monkeypatch):
+    from hyperiqa_jax import train
+
+    predicted = spy(monkeypatch, train, "predict_step")
+    assert throughput.main(["--vs", "--model", "micro", "--mode", "eval", "--batch", "1",
+                            "--repeats", "2", "--json"]) == 0
+    assert predicted  # the eval step is training's evaluation step
     result = json.loads(capsys.readouterr().out)
     assert set(result["frameworks"]) == {"jax", "torch"}
-    assert result["frameworks"]["jax"]["images_per_s"] > 0
-    assert result["frameworks"]["jax"]["flops_per_step"] > 1e9  # Swin-T is ~9 GFLOPs/image.
-    assert len(result["ratios"]) == 1 and result["median_ratio"] > 0
+    jax_entry, torch_entry = result["frameworks"]["jax"], result["frameworks"]["torch"]
+    for entry in (jax_entry, torch_entry):
+        assert len(entry["times_s"]) == 2
+        assert entry["median_s"] == pytest.approx(np.median(entry["times_s"]))
+        assert entry["images_per_s"] == pytest.approx(1 / entry["median_s"])
+    # XLA's count of the compiled step (optimised HLO) against the unoptimised one: the
+    # same model, so close; the micro model's forward is a few hundred MFLOPs per image.
+    assert 1e8 < jax_entry["flops_per_step"] < 2e9
+    assert jax_entry["flops_per_step"] == pytest.approx(jax_entry["flops_lowered"], rel=0.2)
+    assert jax_entry["mfu"] is None  # no peak known for the CPU
+    assert torch_entry["layout"] == "nchw" and torch_entry["compiled"] is False
+    ratios = [t / j for j, t in zip(jax_entry["times_s"], torch_entry["times_s"])]
+    assert result["ratios"] == pytest.approx(ratios)
+    assert result["median_ratio"] == pytest.approx(np.median(ratios))
+
+
+@pytest.mark.slow
+def test_jax_runner_times_train_train_step(monkeypatch):
+    """The timed step is hyperiqa_jax.train's: its init_state and train_step are what get
+    traced, each call advances the state's step counter and updates the parameters."""
+    from hyperiqa_jax import train
+
+    inits = spy(monkeypatch, train, "init_state")
+    steps = spy(monkeypatch, train, "train_step")
+    config = throughput.model_config("micro", "float32")
+    rng = np.random.RandomState(0)
+    runner = throughput.JaxRunner(config, "train", rng.randn(1, 224, 224, 3).astype(np.float32),
+                                  np.array([50.0], np.float32))
+    assert inits and steps
+    before = jax.device_get(runner.state["params"])  # the state is donated: a host copy
+    for _ in range(2):
+        runner.step()
+    runner.sync()
+    assert int(runner.state["step"]) == 2
+    assert set(runner.last) == {"loss", "grad_norm"} and np.isfinite(float(runner.last["loss"]))
+    got = jax.tree.leaves(jax.device_get(runner.state["params"]))
+    moved = sum(not np.array_equal(g, b) for g, b in zip(got, jax.tree.leaves(before)))
+    assert moved > len(got) // 2
+    # The JSON's FLOPs are the compiled executable's own cost analysis.
+    cost = runner.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert runner.flops() == float(cost["flops"]) > 1e8
+    assert runner.memory()["temp_mb"] > 0
+
+
+def test_model_config_sets_the_dtype():
+    config = throughput.model_config("micro", "bfloat16")
+    assert config.model.dtype == "bfloat16"
+    assert dict(config.model.backbone_overrides)["depths"] == (1, 1, 1, 1)
+    assert throughput.model_config("base", "float32").model.dtype == "float32"
 
 
 def test_peak_lookup():
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert throughput.peak_flops("NVIDIA H200", "float32") == 494e12  # TF32, dense
+    assert throughput.peak_flops("TPU v5p", "float32") == 459e12  # bf16 passes on TPU
     assert throughput.peak_flops("cpu") is None

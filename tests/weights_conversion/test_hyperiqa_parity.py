@@ -1,4 +1,4 @@
-"""Forward and training-step parity of every config against the PyTorch reference (SPEC 4).
+"""Forward and training-step parity of every config against the PyTorch reference.
 
 CI shrinks the Swin configs to one block per stage (the heads, channel counts,
 attention and fusion stay those of the config; the backbone itself is checked
@@ -26,10 +26,11 @@ ATTENTION_TOLERANCE = 1e-5
 RELATIVE_TOLERANCE = 1e-5
 
 
-def ci_config(name):
+def ci_config(name, kernels="auto"):
     config = importlib.import_module(f"configs.{name}").get_config()
     if config.model.backbone != "resnet50":
         config.model.backbone_overrides.depths = (1, 1, 1, 1)
+    config.model.kernels = kernels  # models/cpu_kernels.py: both paths must match PyTorch.
     return config
 
 
@@ -46,9 +47,15 @@ def assert_forward_parity(results):
     assert max(torch_scores) - min(torch_scores) > 20
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_forward_parity(name):
-    config = ci_config(name)
+def with_both_kernel_paths(names):
+    """(name, kernels) pairs: each Swin config on both paths; ResNet-50 has one path."""
+    return [(name, kernels) for name in names for kernels in ("cpu", "generic")
+            if name != "resnet50_hyperiqa" or kernels == "cpu"]
+
+
+@pytest.mark.parametrize("name,kernels", with_both_kernel_paths(CONFIGS))
+def test_forward_parity(name, kernels):
+    config = ci_config(name, kernels)
     results = hyperiqa_parity.forward_parity(config.model, batch=2)
     assert_forward_parity(results)
     assert ("attention" in results) == (config.model.attention != "none")
@@ -80,9 +87,9 @@ def test_forward_parity_swin_tiny_full_depth_cli(tmp_path, capsys):
 TRAIN_STEP_CONFIGS = ("tiny", "smart_iqa_scale", "ablation_single_scale", "resnet50_hyperiqa")
 
 
-@pytest.mark.parametrize("name", TRAIN_STEP_CONFIGS)
-def test_train_step_parity(name):
-    result = hyperiqa_parity.train_step_parity(ci_config(name), batch=2)
+@pytest.mark.parametrize("name,kernels", with_both_kernel_paths(TRAIN_STEP_CONFIGS))
+def test_train_step_parity(name, kernels):
+    result = hyperiqa_parity.train_step_parity(ci_config(name, kernels), batch=2)
     print(name, result)
     assert result["loss"] <= 1e-5 * max(result["loss_value"], 1.0)
     # Updated parameters: within 1e-5 relative but for elements whose AdamW first step

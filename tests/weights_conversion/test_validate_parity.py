@@ -25,3 +25,15 @@ def test_cli_rejects_bad_size(capsys):
     import pytest
     with pytest.raises(SystemExit):
         validate_parity.main(["--model", "swin_tiny_patch4_window7_224", "--img-size", "100"])
+
+
+def test_train_step_outside_tolerance_fails(capsys):
+    # `--config X --train-step` exits 1 when the step is outside these limits.
+    good = {"loss": 1e-7, "loss_value": 30.0, "grad_rel": 2e-5, "relu_near_zero": 0,
+            "outside_rel_1e-5_fraction": 0.0, "param_diff_in_lr": 0.3, "update_in_lr": 0.01}
+    assert validate_parity.train_step_report(good)
+    assert not validate_parity.train_step_report(dict(good, grad_rel=1e-3))
+    # A ReLU input near 0 (ResNet-50) allows a few % of gradient difference.
+    assert validate_parity.train_step_report(dict(good, grad_rel=1e-3, relu_near_zero=4))
+    assert not validate_parity.train_step_report(dict(good, update_in_lr=0.9))
+    assert "above limit" in capsys.readouterr().out

@@ -1,0 +1,167 @@
+r"""What a step compiles to on another platform, without that platform's device.
+
+    python -m hyperiqa_jax.lowering --config=configs/base.py --dtype=bfloat16
+    python -m hyperiqa_jax.lowering --config=configs/tiny.py --platforms=cpu,cuda,tpu
+    python -m hyperiqa_jax.lowering --config=configs/base.py --dtype=bfloat16 \
+        --kernels=generic --memory --batch=128 --remat=block
+
+JAX lowers a function for any platform on any host
+(`traced.lower(lowering_platforms=("cuda",))`), so the StableHLO a GPU or TPU
+would compile can be inspected here. This counts the operations that stall an
+accelerator: conditionals on a computed index (XLA:GPU copies the index to the
+host and blocks the stream, and ends a CUDA graph there), loops, and host
+callbacks. `jax.lax.platform_dependent` emits conditionals too, but on a
+constant index, and only the lowered platform's branch, which XLA folds away;
+those are not counted.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+@dataclasses.dataclass
+class ControlFlow:
+    """Counts of the operations in a lowered module that an accelerator cannot run inline."""
+
+    conditionals: int = 0     # stablehlo.case with >= 2 branches on a computed index.
+    loops: int = 0            # stablehlo.while.
+    host_callbacks: int = 0   # custom calls into Python, send / recv.
+
+    @property
+    def total(self) -> int:
+        return self.conditionals + self.loops + self.host_callbacks
+
+
+def _is_constant(value) -> bool:
+    owner = value.owner
+    return hasattr(owner, "name") and owner.name == "stablehlo.constant"
+
+
+def _walk(operation, counts: ControlFlow):
+    for region in operation.regions:
+        for block in region.blocks:
+            for op in block.operations:
+                name = op.operation.name
+                if name == "stablehlo.case":
+                    if len(op.operation.regions) >= 2 and not _is_constant(op.operands[0]):
+                        counts.conditionals += 1
+                elif name == "stablehlo.while":
+                    counts.loops += 1
+                elif name in ("stablehlo.send", "stablehlo.recv"):
+                    counts.host_callbacks += 1
+                elif name == "stablehlo.custom_call":
+                    target = str(op.operation.attributes["call_target_name"])
+                    if "callback" in target:
+                        counts.host_callbacks += 1
+                _walk(op.operation, counts)
+
+
+def control_flow(lowered) -> ControlFlow:
+    """ControlFlow of a `jax.stages.Lowered` (every function of its module)."""
+    counts = ControlFlow()
+    _walk(lowered.compiler_ir("stablehlo").operation, counts)
+    return counts
+
+
+# XLA:CPU expands the optimisation barriers that `jax.checkpoint` puts around a
+# recomputation before common-subexpression elimination, which then merges the
+# recomputation with the forward pass: a CPU compile shows no saving from remat.
+# GPUs and TPUs keep the barriers until after scheduling; compiling without that
+# one pass lets the CPU's buffer assignment show what remat saves.
+KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def memory_analysis(traced) -> dict:
+    """GiB of a traced step compiled here: temporaries, arguments, outputs."""
+    compiled = traced.lower().compile(compiler_options=KEEP_REMAT_BARRIERS)
+    stats = compiled.memory_analysis()
+    return {"temp_gib": stats.temp_size_in_bytes / 2**30,
+            "argument_gib": stats.argument_size_in_bytes / 2**30,
+            "output_gib": stats.output_size_in_bytes / 2**30}
+
+
+def abstract_train_inputs(config, batch: int = 1):
+    """(model, tx, abstract state, abstract batch) for `train.train_step`, computing nothing."""
+    from hyperiqa_jax import models, optim, train
+
+    model = models.build_model(config.model)
+    tx = optim.make_optimizer(config.train, steps_per_epoch=100)
+    state = jax.eval_shape(lambda: train.init_state(model, tx, config, jax.random.key(0)))
+    crop = config.data.crop_size
+    batch_spec = {"image": jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32),
+                  "score": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+    return model, tx, state, batch_spec
+
+
+def trace_steps(config, batch: int = 1):
+    """{'train': traced train step, 'eval': traced scoring forward} of a config."""
+    from hyperiqa_jax import train
+
+    model, tx, state, batch_spec = abstract_train_inputs(config, batch)
+    label_stats = (0.0, 1.0)
+    train_fn = jax.jit(lambda s, b: train.train_step(
+        s, b, model=model, tx=tx, train_config=config.train, label_stats=label_stats))
+    eval_fn = jax.jit(lambda v, x: train.predict_step(v, x, model=model,
+                                                      label_stats=label_stats))
+    return {"train": train_fn.trace(state, batch_spec),
+            "eval": eval_fn.trace(train.inference_variables(state), batch_spec["image"])}
+
+
+def _load_config(path):
+    spec = importlib.util.spec_from_file_location("lowering_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Count the conditionals, loops and host callbacks in a config's train "
+                    "step and scoring forward as lowered for each platform (no device needed).")
+    parser.add_argument("--config", required=True, help="a configs/*.py file")
+    parser.add_argument("--dtype", default="", help="override model.dtype (float32, bfloat16)")
+    parser.add_argument("--kernels", default="", help="override model.kernels "
+                                                      "(auto, cpu, generic)")
+    parser.add_argument("--platforms", default="cpu,cuda,tpu",
+                        help=f"comma-separated, from {', '.join(PLATFORMS)}")
+    parser.add_argument("--remat", default="", help="override model.remat (none, block)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: compile the train step here and print its memory "
+                             "analysis (minutes for Swin-B)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (per device)")
+    args = parser.parse_args(argv)
+    platforms = [p for p in args.platforms.split(",") if p]
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown:
+        parser.error(f"unknown platform(s) {unknown}; choose from {PLATFORMS}")
+    config = _load_config(args.config)
+    if args.dtype:
+        config.model.dtype = args.dtype
+    if args.kernels:
+        config.model.kernels = args.kernels
+    if args.remat:
+        config.model.remat = args.remat
+    if args.memory:
+        stats = memory_analysis(trace_steps(config, args.batch)["train"])
+        print(json.dumps({"config": args.config, "dtype": config.model.dtype,
+                          "kernels": config.model.kernels, "remat": config.model.remat,
+                          "batch": args.batch, **stats}))
+        return 0
+    for step, traced in trace_steps(config, args.batch).items():
+        for platform in platforms:
+            counts = control_flow(traced.lower(lowering_platforms=(platform,)))
+            print(f"{step:<5} {platform:<4} conditionals {counts.conditionals:4d}  "
+                  f"loops {counts.loops:3d}  host callbacks {counts.host_callbacks:3d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The commands re-execute themselves under the mimalloc the project installs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyperiqa_jax import allocator
+
+REPO = Path(__file__).resolve().parents[1]
+LIB = "/site/cmeel.prefix/lib/libmimalloc.so"
+
+# Prints whether mimalloc is mapped into the process after `preload`.
+PROBE = ("import sys; from hyperiqa_jax import allocator; allocator.preload(sys.argv[1]); "
+         "print('libmimalloc' in open('/proc/self/maps').read(), sys.argv[1:])")
+
+
+def test_environment_for_the_re_execution():
+    env = allocator.preload_environment({"PATH": "/bin"}, "linux", LIB)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": LIB, "MIMALLOC_PURGE_DELAY": "-1"}
+    # Another preloaded library stays; a purge delay the user set stays.
+    env = allocator.preload_environment({"LD_PRELOAD": "libfoo.so", "MIMALLOC_PURGE_DELAY": "10"},
+                                        "linux", LIB)
+    assert env["LD_PRELOAD"] == f"{LIB} libfoo.so" and env["MIMALLOC_PURGE_DELAY"] == "10"
+
+
+@pytest.mark.parametrize("env, platform", [
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, "linux"),
+    ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, "linux"),
+    ({"LD_PRELOAD": LIB}, "linux"),  # already re-executed: no loop
+    ({"HYPERIQA_ALLOCATOR": "system"}, "linux"),
+    ({"HYPERIQA_ALLOCATOR": "SYSTEM"}, "linux"),
+    ({}, "darwin"),
+])
+def test_no_re_execution(env, platform):
+    assert allocator.preload_environment(env, platform, LIB) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel is Linux-only")
+def test_the_installed_wheel_ships_the_library():
+    path = allocator.library_path()
+    assert path is not None and os.path.isfile(path) and "libmimalloc" in path
+
+
+def _probe(caller, **env):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")} | env
+    out = subprocess.run([sys.executable, "-c", PROBE, caller, "arg"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_preload_re_executes_the_command_under_mimalloc():
+    # The same command line runs again (arguments kept), now with mimalloc mapped.
+    assert _probe("__main__") == "True ['__main__', 'arg']"
+    assert _probe("__main__", HYPERIQA_ALLOCATOR="system") == "False ['__main__', 'arg']"
+    # Not the program being run (e.g. a test importing a command's main): nothing happens.
+    assert _probe("hyperiqa_jax.train") == "False ['hyperiqa_jax.train', 'arg']"
