@@ -42,6 +42,19 @@ class ConfigError(UserError, ValueError):
     """A config value or command-line option that cannot work."""
 
 
+def load_config_file(path):
+    """`get_config()` of a config file, e.g. configs/base.py (for argparse commands)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such config file (the project's configs are "
+                          "configs/*.py)")
+    spec = importlib.util.spec_from_file_location("command_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def message(error):
     """The one-line text of a user error."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:

@@ -9,13 +9,13 @@ the unit of the seed's "GFLOPs").
 """
 
 import argparse
-import importlib.util
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperiqa_jax import cli
 from hyperiqa_jax.models import build_model
 
 # The seed's reported figures: (params in millions, GMACs), None where not reported.
@@ -24,13 +24,6 @@ SEED_FIGURES = {
     "swin_small_patch4_window7_224/channel": (50.8, 8.7),
     "swin_tiny_patch4_window7_224/channel": (29.5, 4.5),
 }
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("complexity_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def count_params(tree) -> int:
@@ -76,10 +69,10 @@ def main(argv=None) -> int:
           "| seed params / GMACs |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.config:
-        config = load_config(path)
+        config = cli.load_config_file(path)
         print(format_row(path, config.model, complexity(config.model)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.guarded(main)())

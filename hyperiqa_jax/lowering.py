@@ -17,12 +17,13 @@ those are not counted.
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
+
+from hyperiqa_jax import cli
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -115,13 +116,6 @@ def trace_steps(config, batch: int = 1):
             "eval": eval_fn.trace(train.inference_variables(state), batch_spec["image"])}
 
 
-def _load_config(path):
-    spec = importlib.util.spec_from_file_location("lowering_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Count the conditionals, loops and host callbacks in a config's train "
@@ -142,7 +136,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(platforms) - set(PLATFORMS))
     if unknown:
         parser.error(f"unknown platform(s) {unknown}; choose from {PLATFORMS}")
-    config = _load_config(args.config)
+    config = cli.load_config_file(args.config)
     if args.dtype:
         config.model.dtype = args.dtype
     if args.kernels:
@@ -164,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.guarded(main)())

@@ -139,20 +139,6 @@ ATTENTION_TOLERANCE = 1e-5
 RELATIVE_TOLERANCE = 1e-5  # intermediates: max abs difference / max |reference|
 
 
-def load_config(path: str):
-    """`get_config()` of a config file."""
-    import importlib.util
-    import os
-
-    if not os.path.isfile(path):
-        raise cli.ConfigError(f"--config {path}: no such config file (the project's configs are "
-                              "configs/*.py)")
-    spec = importlib.util.spec_from_file_location("parity_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def full_model_report(results: dict, quiet: bool = False) -> bool:
     """Prints the per-output differences (unless quiet); True when all are in tolerance."""
     ok = True
@@ -219,7 +205,7 @@ def full_model_main(argv) -> int:
                         help="also compare one optimiser step (dropout off)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    config = load_config(args.config)  # before importing torch: a wrong path fails at once
+    config = cli.load_config_file(args.config)  # before importing torch: a wrong path fails at once
     from weights_conversion import hyperiqa_parity
 
     results = hyperiqa_parity.forward_parity(

@@ -17,14 +17,13 @@ DTYPES = ("auto", "float32", "bfloat16")
 ACCELERATOR_DTYPE = "bfloat16"  # model.dtype="auto" on a GPU or TPU; float32 on the CPU.
 
 
-def compute_dtype(model_config, backend: str | None = None) -> jnp.dtype:
-    """`model_config.dtype`, with "auto" resolved for `backend` (default: JAX's default)."""
+def compute_dtype(model_config) -> jnp.dtype:
+    """`model_config.dtype`, with "auto" resolved for JAX's default backend."""
     name = model_config.get("dtype", "auto")
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
     if name == "auto":
-        backend = backend or jax.default_backend()
-        name = "float32" if backend == "cpu" else ACCELERATOR_DTYPE
+        name = "float32" if jax.default_backend() == "cpu" else ACCELERATOR_DTYPE
     return jnp.dtype(name)
 
 

@@ -102,6 +102,6 @@ class ResNet50(nn.Module):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = block(planes, stride, downsample=j == 0, dtype=self.dtype,
-                               name=f"layer{i + 1}_{j}")(x, train)
+                          name=f"layer{i + 1}_{j}")(x, train)
             features.append(x)
         return tuple(features)
