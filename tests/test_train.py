@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hyperiqa_jax import checkpointing, train
+from hyperiqa_jax.data import device
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,15 +39,16 @@ def _config(root, **train_overrides):
 
 
 def _final_params(workdir, config):
-    manager_dir, step = checkpointing.find_checkpoint(Path(workdir) / "checkpoints")
+    """(step, {params[, batch_stats]}) of the latest checkpoint in `workdir`."""
+    from hyperiqa_jax import state
     from hyperiqa_jax.models import build_model
-    from hyperiqa_jax.scoring import abstract_checkpoint_state
 
-    abstract = abstract_checkpoint_state(build_model(config.model), config, "train")
+    manager_dir, step = checkpointing.find_checkpoint(Path(workdir) / "checkpoints")
+    abstract = state.abstract_inference_variables(build_model(config.model),
+                                                  config.data.crop_size)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract)
-    return step, checkpointing.restore_state(manager_dir, step, target)
+    target = checkpointing.with_shardings(abstract, sharding)
+    return step, checkpointing.restore_variables(manager_dir, step, target)
 
 
 # ---------------------------------------------------------------------------- config errors
@@ -106,7 +108,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType
 sys.path.insert(0, {repo!r})
 from tests import train_utils
-from hyperiqa_jax import optim, train
+from hyperiqa_jax import optim, state, train
 from hyperiqa_jax.models import build_model
 train_utils.enable_compilation_cache()
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -115,21 +117,21 @@ c = train_utils.tiny_config()
 train.check_config(c)
 model = build_model(c.model)
 tx = optim.make_optimizer(c.train, 10)
-init = lambda r: train.init_state(model, tx, c, r)
+init = lambda r: state.init_train_state(model, tx, c.data.crop_size, r)
 abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
 rng = np.random.default_rng(0)
-batch = {{"image": rng.normal(size=(8, 56, 56, 3)).astype(np.float32),
+batch = {{"image": rng.integers(0, 256, (8, 56, 56, 3), dtype=np.uint8),
           "score": rng.uniform(0, 100, 8).astype(np.float32)}}
 results = {{}}
 for n in (1, 8):
     mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
     step, _, sh = train.compile_steps(model, tx, c, (50.0, 20.0), mesh, abstract)
-    state = jax.jit(init, out_shardings=sh["state"])(jax.random.PRNGKey(0))
+    s = jax.jit(init, out_shardings=sh["state"])(jax.random.PRNGKey(0))
     with jax.set_mesh(mesh):
         for _ in range(2):
-            state, m = step(state, jax.device_put(batch, sh["batch"]))
-    assert len(state["params"]["hyper"]["fc1_weight_conv"]["kernel"].sharding.device_set) == n
-    results[n] = (jax.device_get(state["params"]), jax.device_get(m))
+            s, m = step(s, jax.device_put(batch, sh["batch"]))
+    assert len(s["params"]["hyper"]["fc1_weight_conv"]["kernel"].sharding.device_set) == n
+    results[n] = (jax.device_get(s["params"]), jax.device_get(m))
 (p1, m1), (p8, m8) = results[1], results[8]
 diff = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8))
 scale = jax.tree.leaves(jax.tree.map(lambda a: float(np.max(np.abs(a))), p1))
@@ -178,17 +180,19 @@ def test_sigterm_checkpoint_then_resume_is_bit_identical(tmp_path, demo_root, mo
     assert straight["step"] == 2 * k
 
     calls = {"n": 0}
-    to_global = train.to_global
+    to_global = device.to_global
 
     def to_global_then_sigterm(batch, sharding):
         calls["n"] += 1
-        if calls["n"] == k:  # arrives during step k: saved at its end, then exit
+        # Batches are read DEVICE_PREFETCH ahead: this read happens as step k starts, so
+        # the signal arrives during step k, which is saved, then the run exits.
+        if calls["n"] == k + device.DEVICE_PREFETCH:
             os.kill(os.getpid(), signal.SIGTERM)
         return to_global(batch, sharding)
 
-    monkeypatch.setattr(train, "to_global", to_global_then_sigterm)
+    monkeypatch.setattr(device, "to_global", to_global_then_sigterm)
     first = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
-    monkeypatch.setattr(train, "to_global", to_global)
+    monkeypatch.setattr(device, "to_global", to_global)
     assert first["stop_reason"].startswith("preempted") and first["step"] == k
     second = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
     assert second["start_step"] == k and second["step"] == 2 * k
