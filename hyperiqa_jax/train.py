@@ -358,11 +358,14 @@ def _jsonable(v):
 
 
 def load_train_test_records(config):
-    """Train and test records (the data module's errors say what to download where)."""
+    """Train and test image sources: Records, or TfdsSources when data.tfds_dir is set.
+
+    Their labels: data.split_scores(source). The data module's errors say what to
+    download or build where.
+    """
     dc = config.data
-    kw = dict(label=dc.label or None, seed=config.seed)
-    return (data.load_records(dc.name, dc.root, dc.train_split, **kw),
-            data.load_records(dc.name, dc.root, dc.test_split, **kw))
+    return (data.load_split(dc, dc.train_split, seed=config.seed),
+            data.load_split(dc, dc.test_split, seed=config.seed))
 
 
 def load_pretrained_backbone(path, backbone_params):
