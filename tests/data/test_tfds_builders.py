@@ -1,6 +1,7 @@
 """TFDS array_record builders without TensorFlow, read back into the same pipeline."""
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -94,6 +95,9 @@ def test_pre_resized_split_matches_the_files(tmp_path):
             data, score, _ = src[i]
             assert data[:2] == b"BM" and score == r.score
             np.testing.assert_array_equal(load_image(data), _pil_resized(r.path, 40, 48))
+    # Picklable, for grain's worker processes.
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy[1][0] == src[1][0] and list(copy.scores) == list(src.scores)
     # The pipeline gives the same evaluation crops from either source.
     test_recs, test_src = load_split(files_cfg, "test"), load_split(tfds_cfg, "test")
     cfg = data_config(eval_protocol="grid")
