@@ -69,6 +69,7 @@ def seed_config(size="base"):
     config.data.crop_step = 1             # random crop corners on multiples of this.
     config.data.prefetch = 2
     config.data.decode_draft = False      # reduced-scale JPEG decode (large photos, e.g. SPAQ).
+    config.data.tfds_dir = ""  # "" = read the files under root; else a build_tfds data_dir.
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32   # global batch, split over all devices.

@@ -174,7 +174,7 @@ def evaluate_split(eval_fn, variables, source, config, batch_sharding):
     crops = data.num_eval_crops(config.data)
     per_image = np.array([s for _, s, _ in scoring.iter_image_scores(outputs, len(source),
                                                                      crops)])
-    mos = label_array(source)
+    mos = data.split_scores(source)
     ok = np.isfinite(per_image)  # images that failed to decode have no prediction
     return per_image, metrics.compute_all(per_image[ok], mos[ok])
 
@@ -184,16 +184,14 @@ def evaluate_split(eval_fn, variables, source, config, batch_sharding):
 
 
 def load_train_test_records(config):
-    """Train and test records (the data module's errors say what to download where)."""
+    """Train and test image sources: Records, or TfdsSources when data.tfds_dir is set.
+
+    Their labels: data.split_scores(source). The data module's errors say what to
+    download or build where.
+    """
     dc = config.data
-    kw = dict(label=dc.label or None, seed=config.seed)
-    return (data.load_records(dc.name, dc.root, dc.train_split, **kw),
-            data.load_records(dc.name, dc.root, dc.test_split, **kw))
-
-
-def label_array(source):
-    """The labels of a split's images, float64 [N]."""
-    return np.array([r.score for r in source], np.float64)
+    return (data.load_split(dc, dc.train_split, seed=config.seed),
+            data.load_split(dc, dc.test_split, seed=config.seed))
 
 
 def label_statistics(train_labels, standardize):
@@ -367,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_records, test_records = load_train_test_records(config)
     if not len(train_records):
         raise UserError(f"no training images in {config.data.name} ({config.data.root})")
-    label_stats = label_statistics(label_array(train_records), tc.standardize_labels)
+    label_stats = label_statistics(data.split_scores(train_records), tc.standardize_labels)
     global_batch = tc.batch_size
     steps_per_epoch = data.steps_per_epoch(len(train_records), config.data, global_batch)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
@@ -499,12 +497,14 @@ def check_images(records, data_config, sample=32):
     reach anyway; a folder of unreadable files then fails in a second instead of
     after the compilation.
     """
-    from hyperiqa_jax.data.pipeline import BadImageTracker
+    from hyperiqa_jax.data.pipeline import BadImageTracker, as_source
 
-    tracker = BadImageTracker(len(records), float(data_config.max_bad_fraction))
-    for record in records[::max(1, len(records) // sample)][:sample]:
+    source = as_source(records)
+    tracker = BadImageTracker(len(source), float(data_config.max_bad_fraction))
+    for i in range(0, len(source), max(1, len(source) // sample))[:sample]:
+        image, _, name = source[i]
         try:
-            data.load_resized(record.path, data_config.resize, data_config.crop_size,
+            data.load_resized(image, data_config.resize, data_config.crop_size, name=name,
                               draft=bool(data_config.decode_draft))
         except data.ImageDecodeError as e:
             tracker.report(e)

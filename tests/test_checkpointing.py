@@ -122,7 +122,8 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "8"
 
-    from hyperiqa_jax import optim, state as state_lib
+    from hyperiqa_jax import optim
+    from hyperiqa_jax import state as state_lib
     from hyperiqa_jax.models import build_model
 
     assert jax.device_count() == 1

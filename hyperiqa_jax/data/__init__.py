@@ -22,6 +22,17 @@ Labels and splits (`records.py`)::
   Both, like ImageDecodeError and TooManyBadImagesError, are hyperiqa_jax.cli.UserError:
   the commands print them as one `error:` line (exit status 2).
 
+Split sources (`sources.py`): files or array_record, chosen by data.tfds_dir::
+
+    load_split(data_config, split, *, seed=0) -> list[Record] | TfdsSource
+        # tfds_dir '' : load_records(data.name, data.root, split, label=data.label,
+        # seed=seed); else the split of the build_tfds data set in tfds_dir, refused
+        # (ConfigError) when built for another data set, label, resize or seed.
+        # Either goes to make_train_dataset / make_eval_batches as it is.
+    split_scores(source) -> float64 [N]   # labels of either, in item order
+
+  Roots, label files and images may be gs:// (or other etils.epath) URLs.
+
 Images (`image.py`)::
 
     load_image(path_or_bytes, *, max_pixels=DEFAULT_MAX_PIXELS) -> uint8 [H, W, 3]
@@ -76,8 +87,13 @@ Demo data set (`demo.py`)::
 TFDS array_record (`tfds_builders.py`, no TensorFlow)::
 
     build_tfds(name, root, data_dir, *, splits=('train', 'test'), label=None,
-               seed=0, split_ratio=0.8, path_column=None) -> builder_dir
-    load_tfds_source(builder_dir, split, *, name=None) -> TfdsSource
+               seed=0, split_ratio=0.8, path_column=None, resize=None,
+               crop_size=224, image_format='bmp', decode_draft=False,
+               overwrite=False) -> builder_dir
+        # resize=None: the original files; else pre-resized as the pipeline would.
+        # Command line: python -m hyperiqa_jax.data.tfds_builders --help
+    load_tfds_source(builder_dir, split, *, name=None, data_config=None,
+                     seed=None) -> TfdsSource   # .scores, .records()
 """
 
 from hyperiqa_jax.data.demo import ensure_demo_dataset
@@ -108,7 +124,7 @@ from hyperiqa_jax.data.records import (
     Record,
     load_records,
 )
-from hyperiqa_jax.data.tfds_builders import TfdsSource, build_tfds, load_tfds_source
+from hyperiqa_jax.data.sources import load_split, split_scores
 
 __all__ = [
     "DATASETS",
@@ -128,12 +144,26 @@ __all__ = [
     "extract_crops",
     "load_image",
     "load_records",
+    "load_split",
     "load_tfds_source",
     "load_resized",
     "make_eval_batches",
     "make_train_dataset",
     "normalize",
     "num_eval_crops",
+    "split_scores",
     "steps_per_epoch",
     "target_size",
 ]
+
+_TFDS_NAMES = ("TfdsSource", "build_tfds", "load_tfds_source")
+
+
+def __getattr__(name):
+    # Lazy, so that `python -m hyperiqa_jax.data.tfds_builders` runs that module once
+    # (imported here eagerly, runpy would warn and load a second copy as __main__).
+    if name in _TFDS_NAMES:
+        from hyperiqa_jax.data import tfds_builders
+
+        return getattr(tfds_builders, name)
+    raise AttributeError(f"module 'hyperiqa_jax.data' has no attribute {name!r}")

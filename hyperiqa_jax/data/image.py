@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hyperiqa_jax.cli import ConfigError, UserError
+from hyperiqa_jax.data.sources import is_url, read_bytes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -56,6 +57,10 @@ def _open(source, name: str) -> Image.Image:
             raise ImageDecodeError(name, "empty file (0 bytes)")
         return Image.open(io.BytesIO(bytes(source)))
     path = os.fspath(source)
+    # A URL (gs://...) is read through etils.epath; open_rgb turns its FileNotFoundError
+    # into "file not found", as for a local file.
+    if is_url(path):
+        return _open(read_bytes(path), name)
     if not os.path.exists(path):
         raise ImageDecodeError(name, "file not found")
     if os.path.isdir(path):
