@@ -17,26 +17,42 @@ def quiet_library_logs():
 
 
 class MetricWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars."""
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars (process 0 only).
+
+    A bucket workdir (gs://...) cannot be appended to: there the file is rewritten
+    whole at each write, and TensorBoard events are not written (tensorboardX
+    needs extra packages for buckets); metrics.jsonl is the record either way.
+    """
 
     def __init__(self, workdir):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         self.path = epath.Path(workdir) / "metrics.jsonl"
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
-        except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
-            self.tb = None
+        self.remote = "://" in str(workdir)
+        self.lines = []
+        if self.remote and self.path.exists():  # a resumed run keeps the earlier rows
+            self.lines = self.path.read_text().splitlines(keepends=True)
+        self.tb = None
+        if not self.remote:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
+                pass
 
     def write(self, step, epoch, split, values):
         if not self.enabled:
             return
         row = {"step": int(step), "epoch": epoch, "split": split,
                **{k: jsonable(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

@@ -5,6 +5,7 @@ gs://bucket/... onto a temporary folder, so the readers see real URLs (which
 os.path cannot open) while the test stays offline.
 """
 
+import json
 import os
 
 import numpy as np
@@ -87,3 +88,26 @@ def test_bucket_errors_name_the_url(bucket):
 def test_is_url():
     assert is_url("gs://b/x") and is_url("s3://b") and not is_url("/data/x")
     assert not is_url("relative/path.jpg")
+
+
+def test_run_records_in_a_bucket_workdir(bucket):
+    """A gs:// workdir: the run's path stays a URL; metrics.jsonl is written through epath."""
+    from hyperiqa_jax import train
+    from hyperiqa_jax.logs import MetricWriter
+
+    local, urls = bucket
+    workdir = train.workdir_path("gs://bucket/run")
+    assert str(workdir) == "gs://bucket/run"
+    train.check_workdir("gs://bucket/run")  # nothing local to check; no error
+    (local / "run").mkdir()
+    writer = MetricWriter(workdir)
+    writer.write(1, 0.5, "train", {"loss": 1.5})
+    writer.write(2, 1.0, "test", {"srcc": float("nan")})
+    writer.close()
+    again = MetricWriter(workdir)  # a resumed run appends after the earlier rows
+    again.write(3, 1.5, "train", {"loss": 1.0})
+    lines = (local / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert json.loads(lines[1])["srcc"] is None
+    assert "gs://bucket/run/metrics.jsonl" in urls
+    assert not (local / "run" / "tb").exists()
