@@ -445,7 +445,7 @@ def benchmark(workdir):
 
     from hyperiqa_jax import predict
     from hyperiqa_jax.data import image as image_lib
-    from hyperiqa_jax.scoring import QualityModel
+    from hyperiqa_jax.scoring import QualityModel, predict_scores
 
     width, height = (int(x) for x in FLAGS.image_size.lower().split("x"))
     loadavg_start = os.getloadavg()
@@ -532,13 +532,12 @@ def benchmark(workdir):
         ("float32" if jax.default_backend() == "cpu" else "bfloat16"),
         "label_mean_std": [mean, std], "min_seconds": FLAGS.min_seconds}
 
-    def crops(path):
-        return image_lib.preprocess_for_scoring(path, config.data, protocol=FLAGS.protocol,
-                                                num_crops=num_crops, seed=0)
+    def crops(path):  # uint8, the evaluation crops (`eval_crops`) of the checkpoint's config
+        return model.crops(path)
 
-    # 5. One image at a time, JAX.
+    # 5. One image at a time, JAX (the scoring forward: normalise, model, label units).
     net, variables = model.model, model.variables
-    forward = jax.jit(lambda v, x: net.apply(v, x, train=False)["score"])
+    forward = jax.jit(lambda v, x: predict_scores(net, v, x, (0.0, 1.0))[0])
 
     def jax_one(path):
         return float(np.mean(np.asarray(forward(variables, crops(path)), np.float64))) * std + mean
@@ -564,7 +563,7 @@ def benchmark(workdir):
         build_s = time.perf_counter() - start
 
         def torch_one(path):
-            x = torch.from_numpy(crops(path)).permute(0, 3, 1, 2).to(device)
+            x = torch.from_numpy(image_lib.normalize(crops(path))).permute(0, 3, 1, 2).to(device)
             with torch.inference_mode():
                 return float(reference(x)["score"].double().mean()) * std + mean
 

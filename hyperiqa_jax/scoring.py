@@ -71,6 +71,27 @@ def iter_image_scores(batch_outputs, num_images: int, crops_per_image: int) -> I
             next_index += 1
 
 
+def overlapped(batches, dispatch):
+    """numpy outputs of `dispatch(batch)` per batch, dispatching batch k + 1 before reading k.
+
+    dispatch returns a tuple of device arrays (or None / numpy); reading them
+    waits for the device, so the device computes one batch while the host
+    decodes and sends the next.
+    """
+    pending = None
+    for batch in batches:
+        launched = dispatch(batch)
+        if pending is not None:
+            yield _to_numpy(pending)
+        pending = launched
+    if pending is not None:
+        yield _to_numpy(pending)
+
+
+def _to_numpy(outputs):
+    return tuple(None if x is None else np.asarray(x) for x in outputs)
+
+
 class _ImageList:
     """A list of paths, encoded bytes or arrays as an image source: (image, NaN, name)."""
 
@@ -166,7 +187,8 @@ class QualityModel:
         batches = pipeline.make_eval_batches(
             source, data_config, batch_size=self.batch_size, protocol=self.protocol,
             num_crops=self.num_crops, max_bad_fraction=1.0, on_error=errors.__setitem__)
-        results = iter_image_scores(map(self._score_batch, batches), len(source), self.num_crops)
+        results = iter_image_scores(overlapped(batches, self._score_batch), len(source),
+                                    self.num_crops)
         for index, score, attention in results:
             row = (index, score, errors.pop(index, None))
             yield (*row, attention) if return_attention else row
@@ -174,8 +196,7 @@ class QualityModel:
     def _score_batch(self, batch):
         score, attention = self._forward(self.variables,
                                          jax.device_put(batch["image"], self._batch_sharding))
-        return (np.asarray(score), None if attention is None else np.asarray(attention),
-                batch["image_index"], batch["valid"])
+        return score, attention, batch["image_index"], batch["valid"]
 
     def score(self, images, *, return_attention=False, errors="raise"):
         """Quality scores (float64 [N], higher = better) for paths, bytes or uint8 arrays.

@@ -166,11 +166,11 @@ def evaluate_split(eval_fn, variables, source, config, batch_sharding):
                                      batch_size=eval_batch_size(config.train) // count, seed=0,
                                      process_index=jax.process_index(), process_count=count)
 
-    def score(batch):
+    def dispatch(batch):
         scores, index, valid = eval_fn(variables, device.to_global(batch, batch_sharding))
-        return np.asarray(scores), None, np.asarray(index), np.asarray(valid)
+        return scores, None, index, valid
 
-    outputs = map(score, batches)
+    outputs = scoring.overlapped(batches, dispatch)
     crops = data.num_eval_crops(config.data)
     per_image = np.array([s for _, s, _ in scoring.iter_image_scores(outputs, len(source),
                                                                      crops)])
