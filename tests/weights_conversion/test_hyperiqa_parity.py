@@ -89,21 +89,12 @@ TRAIN_STEP_CONFIGS = ("tiny", "smart_iqa_scale", "ablation_single_scale", "resne
 
 @pytest.mark.parametrize("name,kernels", with_both_kernel_paths(TRAIN_STEP_CONFIGS))
 def test_train_step_parity(name, kernels):
-    result = hyperiqa_parity.train_step_parity(ci_config(name, kernels), batch=2)
+    """3 steps of `train.train_step` against PyTorch (AdamW's later steps divide by the
+    gradients' running magnitude, so magnitude errors show in the parameters)."""
+    result = hyperiqa_parity.train_step_parity(ci_config(name, kernels), batch=2, steps=3)
     print(name, result)
-    assert result["loss"] <= 1e-5 * max(result["loss_value"], 1.0)
-    # Updated parameters: within 1e-5 relative but for elements whose AdamW first step
-    # lr * g / (|g| + eps) is ill-conditioned (|g| near eps); those differ by < 1 lr step.
-    assert result["outside_rel_1e-5_fraction"] <= 1e-3
-    assert result["param_diff_in_lr"] <= 2.0
-    if result["relu_near_zero"] == 0:
-        assert result["grad_rel"] <= 1e-4
-    else:
-        # A ReLU input within float32 noise of 0 may switch sides in one framework, moving
-        # the gradients by that element's contribution (measured: <= 2.7% of a tensor's
-        # largest gradient). Always the case for ResNet-50.
-        assert result["grad_rel"] <= 5e-2
-    if "batch_stats_abs" in result:
-        assert result["batch_stats_abs"] <= 1e-5
-    # Where the gradient's sign is well defined, the steps agree to float32 resolution.
-    assert result["update_in_lr"] <= 0.5
+    assert result["steps"] == 3
+    limits = hyperiqa_parity.train_step_limits(result)
+    assert set(limits) >= {"loss", "grad_rel", "outside_rel_1e-5_fraction", "param_diff_in_lr"}
+    for key, limit in limits.items():
+        assert result[key] <= limit, (key, result[key], limit)
