@@ -101,7 +101,8 @@ def guarded(main, expected=()):
 
 
 def run(main, *, define_flags=None, expected=()):
-    """absl's `app.run(main)` inside the boundary, flag definition and parsing included.
+    """absl's `app.run(main)` inside the boundary, flag definition and parsing included;
+    library logs at WARNING unless -v / --verbosity is given.
 
     `main(argv)` may return an exit status (None is 0). absl's UsageError (a missing
     or unexpected argument) is a user error as well. `define_flags()`, if given, is
@@ -115,6 +116,9 @@ def run(main, *, define_flags=None, expected=()):
             define_flags()
 
     def entry(argv):
+        from hyperiqa_jax.logs import quiet_library_logs
+
+        quiet_library_logs()  # library INFO lines (JAX's backends, Orbax) only with -v
         try:
             status = guarded(main, expected)(argv)
         except app.UsageError as error:
