@@ -15,7 +15,10 @@ A command's `define_flags(flag_values=flags.FLAGS)` defines its flags and its
 `main(argv, flag_values=flags.FLAGS)` reads them from `flag_values`: `run`
 (the command line) uses absl's global FLAGS, `call` (tests, Python callers)
 a fresh FlagValues per call, so commands whose flags share names (--model,
---checkpoint) can run one after another in one process.
+--checkpoint) can run one after another in one process. Commands with an
+ml_collections config flag (train, demo, convert_checkpoint), whose
+--config.KEY=VALUE overrides are read from sys.argv, and predict and evaluate
+define their flags in absl's FLAGS and run through `run` only.
 
 `UserError` subclasses: `ConfigError` here (also a ValueError), and the data
 package's `LabelFileError`, `DatasetNotFoundError`, `ImageDecodeError` and
