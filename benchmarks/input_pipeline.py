@@ -1,38 +1,67 @@
-"""Training input pipeline throughput: this package's grain pipeline vs the PyTorch reference.
+r"""Training input throughput: the grain pipeline's variants, the training loop's feed, and
+the PyTorch reference's loader, on the same generated KonIQ-sized JPEGs.
 
-    python -m benchmarks.input_pipeline                  # defaults: about a minute on 2 cores
-    python -m benchmarks.input_pipeline --num-images 200 --batches 120 --workers 2
+    python -m benchmarks.input_pipeline                       # every variant, >= 10 s each
+    python -m benchmarks.input_pipeline --variants=threads,processes --workers=4 --json=out.json
 
-Both loaders read the same generated 1024x768 JPEGs (KonIQ-10k's size) and
-produce the same thing: batches of ImageNet-normalised 224x224 crops after a
-horizontal flip and Resize((512, 384)), 20 crops per image per epoch.
+Every variant produces batches of 224x224 crops after a horizontal flip and
+Resize((512, 384)), 20 crops per image per epoch:
 
-- reference: the original HyperIQA/SMART-IQA PyTorch way: the sample list holds
-  every image 20 times; each sample opens and decodes the JPEG (PIL), then
-  RandomHorizontalFlip, Resize((512, 384)), RandomCrop(224), ToTensor, Normalize;
-  torch DataLoader(shuffle=True, num_workers=W).
-- ours: hyperiqa_jax.data.make_train_dataset (decode + resize once per image per
-  epoch, crops shuffled across images; W decoding threads).
+- threads:      make_train_dataset, decoding in --workers threads (uint8 crops out);
+- processes:    the same stream decoded in --workers grain worker processes (one
+                thread each; data.worker_processes);
+- float32:      threads, plus the ImageNet normalisation on the host, as the
+                pipeline did before crops went to the device as uint8;
+- array_record: threads, reading a TFDS array_record build of the same images
+                stored pre-resized to 512x384 (`build_tfds(..., resize=...)`);
+- loop:         threads, consumed the way the training loop consumes them
+                (`DeviceBatches`: global arrays, DEVICE_PREFETCH ahead, a jitted step
+                that reads every batch); goal: >= 95% of `threads` crops/s;
+- reference:    the original PyTorch way: every image listed 20 times, each
+                sample decodes the JPEG, then flip, Resize, RandomCrop, ToTensor,
+                Normalize; torch DataLoader(shuffle=True, num_workers=--workers).
 
-Reported: crops/s (training rows per second) and images/s (crops/s / crops per
-image) after a warm-up, and the ratio ours / reference.
+Each variant is timed for at least --min_seconds after --warmup batches.
+Reported: crops/s, crops/s per decoding worker, images/s (= crops/s / crops per
+image), MB/s crossing to the device, and the ratios to `threads`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
+from absl import flags
 from PIL import Image
+
+VARIANTS = ("threads", "processes", "float32", "array_record", "loop", "reference")
+
+
+def define_flags():
+    flags.DEFINE_integer("num_images", 64, "Generated JPEGs.")
+    flags.DEFINE_list("image_size", ["1024", "768"], "Generated JPEG WIDTH,HEIGHT (KonIQ's).")
+    flags.DEFINE_list("resize", ["512", "384"], "Resize((H, W)) as H,W.")
+    flags.DEFINE_integer("crop", 224, "Crop size.")
+    flags.DEFINE_integer("crops", 20, "Crops per image per epoch.")
+    flags.DEFINE_integer("batch_size", 32, "Crops per batch.")
+    flags.DEFINE_float("min_seconds", 10.0, "Time each variant at least this long.")
+    flags.DEFINE_integer("min_batches", 10, "... and over at least this many batches.")
+    flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
+    flags.DEFINE_integer("workers", 2, "Decoding threads / worker processes / torch workers.")
+    flags.DEFINE_integer("mix_images", 16, "Images whose crops are shuffled together.")
+    flags.DEFINE_list("variants", list(VARIANTS), f"Which to time, of {', '.join(VARIANTS)}.")
+    flags.DEFINE_string("data_dir", "", "Where to write the JPEGs and the array_record build "
+                        "(default: a temporary folder).")
+    flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 
 def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEGs: smooth colour fields plus fine texture, quality 90."""
+    """Photo-like JPEGs (smooth colour fields plus fine texture, quality 90) + manifest.csv."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
@@ -46,28 +75,99 @@ def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) ->
                          np.float32)
         img += rng.normal(0, 12, (height, width, 1)).astype(np.float32)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    with open(os.path.join(folder, "manifest.csv"), "w") as f:
+        f.write("path,score,split\n")
+        f.writelines(f"{os.path.basename(p)},{i},train\n" for i, p in enumerate(paths))
     return paths
 
 
-def bench_ours(paths, args) -> dict:
-    import ml_collections
+def data_config(settings, **changes):
+    from configs import common
 
-    from hyperiqa_jax.data import Record, make_train_dataset
+    c = common.seed_config().data
+    c.update(name="manifest", root=settings["folder"], resize=tuple(settings["resize"]),
+             crop_size=settings["crop"], train_crops=settings["crops"], max_bad_fraction=0.0,
+             num_workers=settings["workers"], worker_processes=0,
+             mix_images=settings["mix_images"])
+    c.update(changes)
+    return c
 
-    cfg = ml_collections.ConfigDict(dict(
-        resize=tuple(args.resize), crop_size=args.crop, train_crops=args.crops,
-        max_bad_fraction=0.0, num_workers=args.workers, mix_images=args.mix_images))
-    records = [Record(p, float(i), os.path.basename(p)) for i, p in enumerate(paths)]
-    it = iter(make_train_dataset(records, cfg, batch_size=args.batch_size, seed=0))
-    for _ in range(args.warmup):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(args.batches):
-        batch = next(it)
-    dt = time.perf_counter() - t0
-    assert batch["image"].shape == (args.batch_size, args.crop, args.crop, 3)
-    crops = args.batches * args.batch_size
-    return {"crops_per_s": crops / dt, "images_per_s": crops / dt / args.crops, "seconds": dt}
+
+def timed(batches, settings, process=None):
+    """Consumes `batches` (warm-up, then >= min_seconds and >= min_batches); crops/s etc."""
+    for _ in range(settings["warmup"]):
+        process(next(batches)) if process else next(batches)
+    n, t0 = 0, time.perf_counter()
+    while n < settings["min_batches"] or time.perf_counter() - t0 < settings["min_seconds"]:
+        batch = next(batches)
+        last = process(batch) if process else batch
+        n += 1
+    if hasattr(last, "block_until_ready"):
+        last.block_until_ready()
+    seconds = time.perf_counter() - t0
+    crops = n * settings["batch_size"]
+    return {"batches": n, "crops": crops, "seconds": seconds, "crops_per_s": crops / seconds,
+            "images_per_s": crops / seconds / settings["crops"]}
+
+
+def train_stream(source, config, settings):
+    from hyperiqa_jax.data import make_train_dataset
+
+    return iter(make_train_dataset(source, config, batch_size=settings["batch_size"], seed=0))
+
+
+def bench_grain(variant, settings):
+    from hyperiqa_jax import data
+
+    workers = settings["workers"]
+    if variant == "processes":
+        config = data_config(settings, num_workers=1, worker_processes=workers)
+    else:
+        config = data_config(settings)
+    if variant == "array_record":
+        builder = data.build_tfds("manifest", settings["folder"], settings["tfds_dir"],
+                                  splits=("train",), resize=config.resize,
+                                  crop_size=config.crop_size)
+        source = data.load_tfds_source(builder, "train")
+    else:
+        source = data.load_records("manifest", settings["folder"], "train")
+    stream = train_stream(source, config, settings)
+    if variant == "float32":
+        result = timed(stream, settings, process=lambda b: data.normalize(b["image"]))
+        bytes_per_crop = 4
+    elif variant == "loop":
+        result = timed_loop(stream, settings)
+        bytes_per_crop = 1
+    else:
+        result = timed(stream, settings)
+        bytes_per_crop = 1
+    crop = settings["crop"]
+    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * bytes_per_crop / 1e6
+    result["crops_per_s_per_worker"] = result["crops_per_s"] / workers
+    return result
+
+
+def timed_loop(stream, settings):
+    """The training loop's consumption: DeviceBatches ahead of a jitted step per batch."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hyperiqa_jax.data import device
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    batches = device.DeviceBatches(stream, NamedSharding(mesh, P("data")))
+    # A step that needs every byte of the batch, and no more time than that.
+    step = jax.jit(lambda total, b: total + jnp.sum(b["image"], dtype=jnp.int32))
+    total = [jnp.zeros((), jnp.int32)]
+
+    def consume(batch):
+        total[0] = step(total[0], batch)
+        return total[0]
+
+    return timed(batches, settings, process=consume)
 
 
 class _ReferenceDataset:
@@ -95,80 +195,87 @@ class _ReferenceDataset:
         return self.transform(img), float(index)
 
 
-def bench_reference(paths, args) -> dict:
+def bench_reference(paths, settings):
     import torch
 
     torch.manual_seed(0)
-    ds = _ReferenceDataset(paths, args.crops, args.resize, args.crop)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
-                                         num_workers=args.workers, drop_last=True,
-                                         persistent_workers=args.workers > 0)
-    it = iter(loader)
-    needed = args.warmup + args.batches
-    if needed > len(loader):
-        raise SystemExit(f"--batches + --warmup = {needed} > {len(loader)} batches per epoch "
-                         "of the reference loader; use more --num-images")
-    for _ in range(args.warmup):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(args.batches):
-        images, _ = next(it)
-    dt = time.perf_counter() - t0
-    assert tuple(images.shape) == (args.batch_size, 3, args.crop, args.crop)
-    del it, loader
-    crops = args.batches * args.batch_size
-    return {"crops_per_s": crops / dt, "images_per_s": crops / dt / args.crops, "seconds": dt}
+    ds = _ReferenceDataset(paths, settings["crops"], settings["resize"], settings["crop"])
+    workers = settings["workers"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=settings["batch_size"], shuffle=True,
+                                         num_workers=workers, drop_last=True,
+                                         persistent_workers=workers > 0)
 
+    def forever():
+        while True:
+            yield from loader
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-images", type=int, default=64, help="generated JPEGs (default 64)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(1024, 768),
-                   metavar=("WIDTH", "HEIGHT"), help="generated JPEG size (default 1024 768)")
-    p.add_argument("--resize", type=int, nargs=2, default=(512, 384), metavar=("H", "W"),
-                   help="Resize((H, W)) (default 512 384)")
-    p.add_argument("--crop", type=int, default=224, help="crop size (default 224)")
-    p.add_argument("--crops", type=int, default=20, help="crops per image per epoch (20)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
-    p.add_argument("--batches", type=int, default=30, help="timed batches per loader (30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (3)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="workers: torch DataLoader processes / our decoding threads (2)")
-    p.add_argument("--mix-images", type=int, default=16,
-                   help="ours: images whose crops are shuffled together (16)")
-    p.add_argument("--data-dir", default="",
-                   help="where to write the JPEGs (default: a temporary folder)")
-    p.add_argument("--skip-reference", action="store_true", help="only time our pipeline")
-    p.add_argument("--json", default="", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.data_dir or os.path.join(tmp, "jpegs")
-        t0 = time.perf_counter()
-        paths = make_jpegs(folder, args.num_images, *args.image_size)
-        print(f"{len(paths)} JPEGs {args.image_size[0]}x{args.image_size[1]} ready in "
-              f"{time.perf_counter() - t0:.1f}s; Resize{tuple(args.resize)}, crop {args.crop}, "
-              f"{args.crops} crops/image, batch {args.batch_size}, {args.workers} workers, "
-              f"{os.cpu_count()} CPUs")
-        result = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-                  "settings": vars(args), "ours": bench_ours(paths, args)}
-        if not args.skip_reference:
-            result["reference"] = bench_reference(paths, args)
-    print(f"{'loader':<28}{'crops/s':>10}{'images/s':>10}")
-    rows = [("ours (grain, decode once)", result["ours"])]
-    if "reference" in result:
-        rows.append(("reference (torch, per crop)", result["reference"]))
-    for name, r in rows:
-        print(f"{name:<28}{r['crops_per_s']:>10.1f}{r['images_per_s']:>10.2f}")
-    if "reference" in result:
-        result["ratio"] = result["ours"]["crops_per_s"] / result["reference"]["crops_per_s"]
-        print(f"ratio ours / reference (crops/s): {result['ratio']:.1f}x (goal >= 5x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=list)
+    result = timed(forever(), settings)
+    result["crops_per_s_per_worker"] = result["crops_per_s"] / max(workers, 1)
+    crop = settings["crop"]
+    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * 4 / 1e6
     return result
 
 
+def run(settings) -> dict:
+    unknown = set(settings["variants"]) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = settings["data_dir"] or tmp
+        settings = dict(settings, folder=os.path.join(base, "jpegs"),
+                        tfds_dir=os.path.join(base, "tfds"))
+        t0 = time.perf_counter()
+        paths = make_jpegs(settings["folder"], settings["num_images"], *settings["image_size"])
+        print(f"{len(paths)} JPEGs {settings['image_size'][0]}x{settings['image_size'][1]} in "
+              f"{time.perf_counter() - t0:.1f}s; Resize{tuple(settings['resize'])}, crop "
+              f"{settings['crop']}, {settings['crops']} crops/image, batch "
+              f"{settings['batch_size']}, {settings['workers']} workers, {os.cpu_count()} CPUs",
+              flush=True)
+        results = {}
+        for variant in settings["variants"]:
+            results[variant] = (bench_reference(paths, settings) if variant == "reference"
+                                else bench_grain(variant, settings))
+            print(f"  {variant}: {results[variant]['crops_per_s']:.1f} crops/s", flush=True)
+    if "threads" in results:
+        for r in results.values():
+            r["vs_threads"] = r["crops_per_s"] / results["threads"]["crops_per_s"]
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "command": " ".join(["python -m benchmarks.input_pipeline", *sys.argv[1:]]),
+            "settings": {k: v for k, v in settings.items() if k not in ("folder", "tfds_dir")},
+            "results": results}
+
+
+def print_table(report):
+    print(f"{'variant':<14}{'crops/s':>10}{'/worker':>10}{'images/s':>10}{'MB/s':>9}"
+          f"{'vs threads':>12}")
+    for name, r in report["results"].items():
+        ratio = f"{r['vs_threads']:.2f}" if "vs_threads" in r else ""
+        print(f"{name:<14}{r['crops_per_s']:>10.1f}{r['crops_per_s_per_worker']:>10.1f}"
+              f"{r['images_per_s']:>10.2f}{r['mb_per_s_to_device']:>9.1f}{ratio:>12}")
+
+
+def main(argv):
+    from hyperiqa_jax.cli import ConfigError
+
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    settings = {name: f[name].value for name in (
+        "num_images", "crop", "crops", "batch_size", "min_seconds", "min_batches", "warmup",
+        "workers", "mix_images", "variants", "data_dir")}
+    try:
+        settings["image_size"] = [int(x) for x in f.image_size]
+        settings["resize"] = [int(x) for x in f.resize]
+    except ValueError as e:
+        raise ConfigError(f"--image_size / --resize take two integers: {e}") from None
+    report = run(settings)
+    print_table(report)
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(report, out, indent=2)
+
+
 if __name__ == "__main__":
-    main()
+    from hyperiqa_jax import cli
+
+    cli.run(main, define_flags=define_flags)

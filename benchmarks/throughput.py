@@ -9,10 +9,10 @@ so both see the same machine load, and prints the JAX/torch ratio per pair and
 its median. Warm-up (JAX compilation, first torch call) is timed separately and
 excluded.
 
-The JAX step is the one training runs: `hyperiqa_jax.train.init_state` and the
-jitted `train_step` from `train.compile_steps` (state donated, batch sharded
-over a one-device mesh), and for eval the jitted evaluation step around
-`train.predict_step`. The torch step is the same computation on
+The JAX step is the one training runs: `hyperiqa_jax.state.init_train_state` and
+the jitted `train_step` from `train.compile_steps` (state donated, batch sharded
+over a one-device mesh, uint8 crops normalised inside the step), and for eval
+the jitted `train.eval_step`. The torch step is the same computation on
 weights_conversion.torch_reference.HyperIQAReference: forward with dropout and
 drop path, L1 loss, backward, global-norm clipping at 1.0, AdamW with the
 backbone learning rate and x10 for the rest (hyperiqa_jax.optim.make_optimizer).
@@ -74,7 +74,7 @@ class JaxRunner:
     name = "jax"
 
     def __init__(self, config, mode, images, scores):
-        from hyperiqa_jax import models, optim, train
+        from hyperiqa_jax import models, optim, state, train
 
         train.check_config(config)
         model = models.build_model(config.model)
@@ -82,7 +82,7 @@ class JaxRunner:
         mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                              devices=jax.devices()[:1])
         rng = jax.random.PRNGKey(config.seed)
-        init_fn = lambda r: train.init_state(model, tx, config, r)
+        init_fn = lambda r: state.init_train_state(model, tx, config.data.crop_size, r)
         abstract_state = jax.eval_shape(init_fn, rng)
         label_stats = (0.0, 1.0)
         train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, label_stats, mesh,
@@ -95,7 +95,7 @@ class JaxRunner:
             fn = eval_fn
             self.batch = jax.device_put({"image": images, "image_index": np.arange(n),
                                          "valid": np.ones(n, bool)}, shardings["batch"])
-            self.variables = train.inference_variables(self.state)
+            self.variables = state.inference_variables(self.state)
             self.state = None  # the optimiser state is not needed: free it
             args = (self.variables, self.batch)
         else:
@@ -211,14 +211,16 @@ class TorchRunner:
 
 def build(framework, config, mode, batch, **torch_options):
     """A runner on a fixed random batch, after its first step (compilation, warm-up)."""
+    from hyperiqa_jax.data import normalize
+
     rng = np.random.RandomState(0)
-    images = rng.randn(batch, 224, 224, 3).astype(np.float32)
+    crops = rng.randint(0, 256, (batch, 224, 224, 3)).astype(np.uint8)
     scores = rng.uniform(0, 100, batch).astype(np.float32)
     start = time.perf_counter()
-    if framework == "jax":
-        runner = JaxRunner(config, mode, images, scores)
-    else:
-        runner = TorchRunner(config, mode, images, scores, **torch_options)
+    if framework == "jax":  # uint8, normalised in the step as in training
+        runner = JaxRunner(config, mode, crops, scores)
+    else:  # the reference takes normalised float32 images (its data loader's job)
+        runner = TorchRunner(config, mode, normalize(crops), scores, **torch_options)
     runner.step()
     runner.sync()
     return runner, time.perf_counter() - start

@@ -34,6 +34,10 @@ def model_config(size="base"):
     m.dtype = "auto"
     m.kernels = "auto"             # "auto", "cpu" or "generic" (models/cpu_kernels.py).
     m.remat = "none"               # "block": recompute each block in the backward (less memory).
+    m.hyper_feature_widths = ()    # 1x1 convs before hyper_in_feat; () = (512, 256) for Swin,
+                                   # (1024, 512) for ResNet-50 (the original HyperIQA).
+    m.attention_dropout = 0.5      # scale attention's dropout (the SMART-IQA release).
+    m.small_target_init = False    # generated target-net weights start small (the demo's choice).
     return m
 
 
@@ -57,12 +61,15 @@ def seed_config(size="base"):
     config.data.test_crops = 20
     config.data.eval_protocol = "random"  # "random" (seeded), "center" or "grid".
     config.data.max_bad_fraction = 0.01   # abort when more images than this fail to decode.
-    config.data.num_workers = 2           # decoding threads per process.
+    config.data.num_workers = 2           # decoding threads per process (per worker process).
+    config.data.worker_processes = -1     # decoding processes; -1: none on the CPU backend,
+                                          # else one per spare core (at most 16); 0: threads only.
     config.data.mix_images = 16           # images whose crops are shuffled together.
     config.data.random_flip = True
     config.data.crop_step = 1             # random crop corners on multiples of this.
     config.data.prefetch = 2
     config.data.decode_draft = False      # reduced-scale JPEG decode (large photos, e.g. SPAQ).
+    config.data.tfds_dir = ""  # "" = read the files under root; else a build_tfds data_dir.
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32   # global batch, split over all devices.
@@ -80,10 +87,12 @@ def seed_config(size="base"):
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 2
-    config.train.log_every_steps = 50
+    config.train.log_every_steps = 50     # the host waits for the step only at these steps.
+    config.train.stop_check_every_steps = 10  # multi-process: agree on SIGTERM every N steps.
     config.train.max_steps = 0            # > 0: stop after this many steps (schedule unchanged).
     config.train.eval_every_steps = 0     # > 0: also evaluate every N steps.
     config.train.eval_batch_size = 0      # 0: same as batch_size.
     config.train.standardize_labels = False  # train on (y - mean) / std of the train labels.
     config.train.loss = "l1"              # "l1" or "smooth_l1".
+    config.train.final_eval = True        # evaluate after the last step.
     return config

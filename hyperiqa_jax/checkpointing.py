@@ -79,7 +79,12 @@ class Checkpointer:
 
 
 def with_shardings(abstract_tree, shardings):
-    """ShapeDtypeStructs carrying the target shardings (for restoring onto any mesh)."""
+    """ShapeDtypeStructs carrying the target shardings (for restoring onto any mesh).
+
+    shardings: one sharding for every leaf, or a tree of them.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract_tree)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
@@ -127,12 +132,38 @@ def restore_state(manager_dir, step, abstract_state):
             state=ocp.args.StandardRestore(abstract_state))).state
 
 
+def restore_variables(manager_dir, step, abstract_variables):
+    """Restores only the model variables {params[, batch_stats]} of a checkpoint's `state`.
+
+    Works for a train state (its optimiser state is left on disk) and for the
+    inference variables that best/ holds.
+    """
+    target = ocp.args.PyTreeRestore(
+        abstract_variables, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables))
+    with ocp.CheckpointManager(Path(manager_dir), item_names=("state",),
+                               options=ocp.CheckpointManagerOptions(create=False)) as m:
+        return m.restore(step, args=ocp.args.Composite(state=target)).state
+
+
 def config_from_meta(meta):
-    """The run's ConfigDict (JSON lists turned back into tuples)."""
+    """The run's ConfigDict: its saved config over configs/common.py's defaults.
+
+    Keys added to the configs after the run was written take their defaults;
+    JSON lists turn back into tuples.
+    """
+    from configs import common
+
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
         if isinstance(x, list):
             return tuple(tuples(v) for v in x)
         return x
-    return ml_collections.ConfigDict(tuples(meta["config"]))
+    config = common.seed_config().to_dict()
+    for section, values in tuples(meta["config"]).items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    return ml_collections.ConfigDict(config)

@@ -34,7 +34,9 @@ def define_flags():
                       "Crop protocol (default: the run's data.eval_protocol).")
     flags.DEFINE_integer("num_crops", None, "Crops per image (default: the run's "
                          "data.test_crops).")
-    flags.DEFINE_integer("batch_size", 64, "Crops per batch.")
+    flags.DEFINE_integer("batch_size", None, "Crops per forward call over all local devices "
+                         "(default: the run's train.eval_batch_size, whose numbers then match "
+                         "the training-time evaluation's).")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval or ./eval).")
     flags.DEFINE_integer("quality_bins", 5, "MOS quantile bins for the attention figure.")
 
@@ -70,8 +72,9 @@ def evaluate_dataset(model, name, split, root, *, seed=0):
     preds = np.full(len(records), np.nan)
     attention = [None] * len(records)
     errors = {}
-    for i, score, err, att in model.iter_scores([r.path for r in records],
-                                                return_attention=True):
+    # Records, not paths: crops are seeded by the image's index in the split, as in
+    # training-time evaluation, so the `random` protocol reproduces its numbers.
+    for i, score, err, att in model.iter_scores(records, return_attention=True):
         preds[i], attention[i] = score, att
         if err is not None:
             errors[records[i].path] = err
@@ -185,7 +188,7 @@ def plot_training_curves(metrics_path, path):
     return True
 
 
-def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch_size=64,
+def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch_size=None,
         bins=5):
     """Evaluates `checkpoint` on every `NAME[:SPLIT]=ROOT`; returns the list of results."""
     from hyperiqa_jax import checkpointing
@@ -196,12 +199,9 @@ def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch
                                                          checkpointing.LATEST_DIR) else None
     out = Path(out or (workdir / "eval" if workdir else "eval"))
     out.mkdir(parents=True, exist_ok=True)
-    model = QualityModel.from_checkpoint(checkpoint, batch_size=batch_size,
-                                         protocol=protocol or None, num_crops=num_crops)
-    if protocol is None:
-        model = QualityModel.from_checkpoint(
-            checkpoint, batch_size=batch_size, protocol=model.config.data.eval_protocol,
-            num_crops=num_crops)
+    # protocol None: the run's data.eval_protocol.
+    model = QualityModel.from_checkpoint(checkpoint, batch_size=batch_size, protocol=protocol,
+                                         num_crops=num_crops)
     results = []
     for arg in data_args:
         name, split, root = parse_data_arg(arg)

@@ -90,29 +90,33 @@ def memory_analysis(traced) -> dict:
 
 def abstract_train_inputs(config, batch: int = 1):
     """(model, tx, abstract state, abstract batch) for `train.train_step`, computing nothing."""
-    from hyperiqa_jax import models, optim, train
+    from hyperiqa_jax import models, optim, state
 
     model = models.build_model(config.model)
     tx = optim.make_optimizer(config.train, steps_per_epoch=100)
-    state = jax.eval_shape(lambda: train.init_state(model, tx, config, jax.random.key(0)))
     crop = config.data.crop_size
-    batch_spec = {"image": jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32),
-                  "score": jax.ShapeDtypeStruct((batch,), jnp.float32)}
-    return model, tx, state, batch_spec
+    train_state = jax.eval_shape(lambda: state.init_train_state(model, tx, crop,
+                                                                jax.random.key(0)))
+    batch_spec = {"image": jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.uint8),
+                  "score": jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  "image_index": jax.ShapeDtypeStruct((batch,), jnp.int32),
+                  "valid": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
+    return model, tx, train_state, batch_spec
 
 
 def trace_steps(config, batch: int = 1):
     """{'train': traced train step, 'eval': traced scoring forward} of a config."""
-    from hyperiqa_jax import train
+    from hyperiqa_jax import state, train
 
-    model, tx, state, batch_spec = abstract_train_inputs(config, batch)
+    model, tx, train_state, batch_spec = abstract_train_inputs(config, batch)
     label_stats = (0.0, 1.0)
+    train_batch = {k: batch_spec[k] for k in ("image", "score")}
+    eval_batch = {k: batch_spec[k] for k in ("image", "image_index", "valid")}
     train_fn = jax.jit(lambda s, b: train.train_step(
         s, b, model=model, tx=tx, train_config=config.train, label_stats=label_stats))
-    eval_fn = jax.jit(lambda v, x: train.predict_step(v, x, model=model,
-                                                      label_stats=label_stats))
-    return {"train": train_fn.trace(state, batch_spec),
-            "eval": eval_fn.trace(train.inference_variables(state), batch_spec["image"])}
+    eval_fn = jax.jit(lambda v, b: train.eval_step(v, b, model=model, label_stats=label_stats))
+    return {"train": train_fn.trace(train_state, train_batch),
+            "eval": eval_fn.trace(state.inference_variables(train_state), eval_batch)}
 
 
 def define_flags(flag_values=flags.FLAGS):

@@ -12,6 +12,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from hyperiqa_jax.cli import ConfigError
 
 META_FILE = "meta.json"
 PARAMS_DIR = "params"
@@ -50,3 +53,30 @@ def load_params(directory: str | os.PathLike):
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return params, meta
 
+
+DOWNLOAD_HINT = (
+    "Converted backbone weights are an Orbax params directory. Download the timm "
+    "checkpoint (e.g. swin_base_patch4_window7_224 from huggingface.co/timm) and convert it:\n"
+    "  python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR\n"
+    "then pass --config.pretrained_backbone=DIR (or set it to '' to train from scratch).")
+
+
+def load_backbone(path, backbone_params):
+    """Converted backbone params from `path`, checked against the model's shapes."""
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(f"pretrained_backbone {path} does not exist.\n{DOWNLOAD_HINT}")
+    loaded, _ = load_params(path)
+    if set(loaded) == {"backbone"}:
+        loaded = loaded["backbone"]
+    want = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(backbone_params)[0]}
+    got = {jax.tree_util.keystr(k): np.shape(v)
+           for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    if want != got:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        shape = [k for k in set(want) & set(got) if want[k] != got[k]][:5]
+        raise ConfigError(f"pretrained_backbone {path} does not fit the configured backbone: "
+                          f"missing {missing}, unexpected {extra}, wrong shape {shape}. "
+                          "Convert the checkpoint that matches config.model.backbone.")
+    return jax.tree.map(lambda ref, x: np.asarray(x, ref.dtype), backbone_params, loaded)

@@ -11,8 +11,6 @@ many per image as the run's `data.test_crops`, after the run's resize.
 Crops of many images are batched together to fill the devices.
 """
 
-import concurrent.futures
-import itertools
 import os
 from collections.abc import Iterable, Iterator
 
@@ -22,40 +20,114 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hyperiqa_jax import checkpointing, optim
+from hyperiqa_jax import checkpointing, state
 from hyperiqa_jax.cli import UserError
 from hyperiqa_jax.data import image as image_lib
+from hyperiqa_jax.data import pipeline
+from hyperiqa_jax.data.records import Record
 
-SCORE_DIRECTION = "higher is better"
+
+def predict_scores(model, variables, images, label_stats):
+    """Scores in label units and attention weights (or None) for a batch of uint8 crops.
+
+    The scoring forward pass of training-time evaluation and `QualityModel`.
+    """
+    mean, std = label_stats
+    out = model.apply(variables, image_lib.normalize(images), train=False)
+    attention = out.get("attention")
+    score = out["score"].astype(jnp.float32) * std + mean
+    return score, (None if attention is None else attention.astype(jnp.float32))
+
+
+def iter_image_scores(batch_outputs, num_images: int, crops_per_image: int) -> Iterator[tuple]:
+    """Per image, in index order: (index, mean crop score, mean attention or None).
+
+    batch_outputs: (scores [B], attention [B, K] or None, image_index [B], valid
+    [B]) per batch of `pipeline.make_eval_batches` (numpy). An image is yielded
+    once all its rows have come by; one whose crops are all invalid (it did not
+    decode) gets score NaN.
+    """
+    sums = np.zeros(num_images)
+    valid_rows = np.zeros(num_images, np.int64)
+    rows = np.zeros(num_images, np.int64)
+    attention_sums = None
+    next_index = 0
+    for score, attention, index, valid in batch_outputs:
+        real = index >= 0
+        idx, ok = index[real], valid[real]
+        np.add.at(rows, idx, 1)
+        np.add.at(sums, idx[ok], np.asarray(score, np.float64)[real][ok])
+        np.add.at(valid_rows, idx[ok], 1)
+        if attention is not None:
+            if attention_sums is None:
+                attention_sums = np.zeros((num_images, attention.shape[-1]))
+            np.add.at(attention_sums, idx[ok], np.asarray(attention, np.float64)[real][ok])
+        while next_index < num_images and rows[next_index] == crops_per_image:
+            n = valid_rows[next_index]
+            mean = sums[next_index] / n if n else np.nan
+            att = (None if attention_sums is None or not n
+                   else attention_sums[next_index] / n)
+            yield next_index, float(mean), att
+            next_index += 1
+
+
+def overlapped(batches, dispatch):
+    """numpy outputs of `dispatch(batch)` per batch, dispatching batch k + 1 before reading k.
+
+    dispatch returns a tuple of device arrays (or None / numpy); reading them
+    waits for the device, so the device computes one batch while the host
+    decodes and sends the next.
+    """
+    pending = None
+    for batch in batches:
+        launched = dispatch(batch)
+        if pending is not None:
+            yield _to_numpy(pending)
+        pending = launched
+    if pending is not None:
+        yield _to_numpy(pending)
+
+
+def _to_numpy(outputs):
+    return tuple(None if x is None else np.asarray(x) for x in outputs)
+
+
+class _ImageList:
+    """A list of paths, encoded bytes or arrays as an image source: (image, NaN, name)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], float("nan"), _name(self.images[i])
 
 
 class QualityModel:
     """A trained model plus its preprocessing; `score` maps images to quality scores."""
 
-    def __init__(self, model, variables, config, label_stats=(0.0, 1.0), *, batch_size=64,
+    def __init__(self, model, variables, config, label_stats=(0.0, 1.0), *, batch_size=None,
                  protocol="grid", num_crops=None, num_workers=None, source=None):
         self.model = model
         self.config = config
         self.label_stats = tuple(float(x) for x in label_stats)
-        self.protocol = protocol
-        self.num_crops = 1 if protocol == "center" else int(num_crops or config.data.test_crops)
+        self.protocol = protocol or config.data.eval_protocol
+        self.num_crops = image_lib.num_eval_crops(config.data, self.protocol, num_crops)
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.source = source
         devices = jax.local_devices()
-        # Whole batches on every local device: round the batch up to a multiple of them.
+        # Default: the run's evaluation batch (its numbers then match training-time
+        # evaluation's exactly); whole batches on every local device.
+        batch_size = batch_size or config.train.eval_batch_size or config.train.batch_size
         self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         self._batch_sharding = NamedSharding(mesh, P("data"))
         self.variables = jax.device_put(variables, NamedSharding(mesh, P()))
-        mean, std = self.label_stats
-
-        def forward(variables, images):
-            out = model.apply(variables, images, train=False)
-            attention = out.get("attention")
-            score = out["score"].astype(jnp.float32) * std + mean
-            return score, (attention.astype(jnp.float32) if attention is not None else None)
-
-        self._forward = jax.jit(forward, out_shardings=NamedSharding(mesh, P()))
+        self._forward = jax.jit(
+            lambda variables, images: predict_scores(model, variables, images, self.label_stats),
+            out_shardings=NamedSharding(mesh, P()))
 
     @property
     def crop_size(self):
@@ -78,102 +150,53 @@ class QualityModel:
                             "--checkpoint at a run written by hyperiqa_jax.train")
         config = checkpointing.config_from_meta(meta)
         model = models.build_model(config.model)
-        abstract = abstract_checkpoint_state(model, config, meta.get("state_kind", "train"))
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-        try:
-            state = checkpointing.restore_state(manager_dir, step, target)
+        target = checkpointing.with_shardings(
+            state.abstract_inference_variables(model, config.data.crop_size), sharding)
+        try:  # only params (and batch_stats), from a train or an inference checkpoint
+            variables = checkpointing.restore_variables(manager_dir, step, target)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{where}: its parameters cannot be restored into the model its "
                             f"config describes ({_first_line(e)}); was it written by another "
                             "version of this code, or only partly?") from e
-        variables = {"params": state["params"]}
-        if "batch_stats" in state:
-            variables["batch_stats"] = state["batch_stats"]
         return cls(model, variables, config, meta.get("label_mean_std", (0.0, 1.0)),
                    source=f"{manager_dir}/{step}", **kwargs)
 
-    # -- preprocessing
-
-    def crops(self, image):
-        """float32 [num_crops, crop, crop, 3] normalised crops of one path / bytes / array."""
-        return image_lib.preprocess_for_scoring(image, self.config.data, protocol=self.protocol,
-                                                num_crops=self.num_crops, seed=0)
-
-    # -- scoring
+    def crops(self, image, index=0):
+        """uint8 [num_crops, crop, crop, 3]: the crops scored for one path / bytes / array."""
+        return image_lib.eval_crops(image, self.config.data, index=index, protocol=self.protocol,
+                                    num_crops=self.num_crops)
 
     def iter_scores(self, images: Iterable, *, return_attention=False) -> Iterator[tuple]:
         """Yields (index, score, error[, attention]) per input, in input order.
 
-        A file that cannot be decoded yields score NaN and its error message
-        instead of stopping the run.
+        images: paths, encoded bytes or uint8 arrays, or a data set's records
+        (then 'random' crops are those of training-time evaluation). A file
+        that cannot be decoded yields score NaN and its error message instead
+        of stopping the run.
         """
-        images = list(images)
-        pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
-        # Decode a bounded number of images ahead of the device.
-        ahead = max(2 * self.num_workers, 2 * -(-self.batch_size // self.num_crops))
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], Record):
+            source = pipeline.as_source(images)
+        elif hasattr(images, "__getitem__") and not isinstance(images, (list, tuple)):
+            source = images  # a data source such as TfdsSource
+        else:
+            source = _ImageList(list(images))
+        errors = {}
+        data_config = self.config.data.copy_and_resolve_references()
+        data_config.num_workers = self.num_workers
+        batches = pipeline.make_eval_batches(
+            source, data_config, batch_size=self.batch_size, protocol=self.protocol,
+            num_crops=self.num_crops, max_bad_fraction=1.0, on_error=errors.__setitem__)
+        results = iter_image_scores(overlapped(batches, self._score_batch), len(source),
+                                    self.num_crops)
+        for index, score, attention in results:
+            row = (index, score, errors.pop(index, None))
+            yield (*row, attention) if return_attention else row
 
-        def load(i):
-            try:
-                return i, self.crops(images[i]), None
-            except (image_lib.ImageDecodeError, OSError, ValueError) as e:
-                return i, None, str(e)
-
-        futures = iter(pool.submit(load, i) for i in range(len(images)))
-        queue = list(itertools.islice(futures, ahead))
-        pending = {}  # index -> [crops done, score sum, attention sum, count]
-        buf_img, buf_idx = [], []
-        done = {}
-        next_out = 0
-
-        def flush(final=False):
-            if not buf_img:
-                return
-            rows = np.concatenate(buf_img)
-            idx = np.concatenate(buf_idx)
-            while len(rows) >= self.batch_size or (final and len(rows)):
-                take = min(self.batch_size, len(rows))
-                batch = np.zeros((self.batch_size,) + rows.shape[1:], np.float32)
-                batch[:take] = rows[:take]
-                score, att = self._forward(self.variables,
-                                           jax.device_put(batch, self._batch_sharding))
-                score = np.asarray(score)[:take]
-                att = None if att is None else np.asarray(att)[:take]
-                for j, i in enumerate(idx[:take]):
-                    p = pending[i]
-                    p[0] += score[j]
-                    if att is not None:
-                        p[1] = att[j] if p[1] is None else p[1] + att[j]
-                    p[2] += 1
-                    if p[2] == p[3]:
-                        done[i] = (i, p[0] / p[3], None,
-                                   None if p[1] is None else p[1] / p[3])
-                        del pending[i]
-                rows, idx = rows[take:], idx[take:]
-            buf_img[:] = [rows] if len(rows) else []
-            buf_idx[:] = [idx] if len(idx) else []
-
-        try:
-            while queue:
-                i, crops, error = queue.pop(0).result()
-                queue.extend(itertools.islice(futures, 1))
-                if crops is None:
-                    done[i] = (i, float("nan"), error, None)
-                else:
-                    pending[i] = [0.0, None, 0, len(crops)]
-                    buf_img.append(crops)
-                    buf_idx.append(np.full((len(crops),), i))
-                    if sum(len(b) for b in buf_img) >= self.batch_size:
-                        flush()
-                if not queue:
-                    flush(final=True)
-                while next_out in done:
-                    out = done.pop(next_out)
-                    yield out if return_attention else out[:3]
-                    next_out += 1
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+    def _score_batch(self, batch):
+        score, attention = self._forward(self.variables,
+                                         jax.device_put(batch["image"], self._batch_sharding))
+        return score, attention, batch["image_index"], batch["valid"]
 
     def score(self, images, *, return_attention=False, errors="raise"):
         """Quality scores (float64 [N], higher = better) for paths, bytes or uint8 arrays.
@@ -215,15 +238,3 @@ def _first_line(error):
 
 def _name(x):
     return os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"<{type(x).__name__}>"
-
-
-def abstract_checkpoint_state(model, config, kind):
-    """Shapes of what a checkpoint's `state` item holds: the train state or inference variables."""
-    from hyperiqa_jax import train
-
-    tx = optim.make_optimizer(config.train, steps_per_epoch=1)  # schedule does not shape state
-    state = jax.eval_shape(lambda r: train.init_state(model, tx, config, r),
-                           jax.random.PRNGKey(0))
-    if kind == "inference":
-        return train.inference_variables(state)
-    return state

@@ -6,172 +6,47 @@ r"""Trains HyperIQA: sharded jit steps, Orbax checkpoints, evaluation during tra
 The workdir collects everything: `checkpoints/` (latest K, resumable: rerun the
 same command to continue exactly where it stopped), `best/` (best test SRCC,
 what evaluate/predict read), `metrics.jsonl`, TensorBoard events in `tb/` and
-`summary.json`.
+`summary.json`. It may be a `gs://` path (etils.epath, as Orbax uses).
 
-Read top to bottom, the file follows the data: config -> mesh -> input ->
-init -> steps -> checkpoint -> loop. The global batch is split along the `data`
-mesh axis; parameters and optimiser state are replicated (a parameter-sharding
-axis would go into the mesh and `state_sharding`). With several processes each
-one reads its own shard of the input and process 0 alone writes logs.
+Read top to bottom, the file follows the data: config -> steps -> evaluation
+-> logging -> the run (mesh, input, state, loop). The global batch is split
+along the `data` mesh axis; parameters and optimiser state are replicated.
+Crops arrive as uint8 and are normalised inside the jitted step; the next
+batches are already on the device while a step runs (`DeviceBatches`). With
+several processes each one reads and evaluates its own share of the images and
+process 0 alone writes logs.
 """
 
 import dataclasses
-import difflib
 import json
 import math
+import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hyperiqa_jax import checkpointing, data, distributed, metrics, optim
+from hyperiqa_jax import checkpointing, data, distributed, metrics, optim, params_io, scoring, state
 from hyperiqa_jax import models as models_lib
 from hyperiqa_jax.cli import ConfigError, UserError
-from hyperiqa_jax.logs import quiet_library_logs
-
-# Keys a config may have beyond configs/common.py's seed_config, with defaults.
-TRAIN_DEFAULTS = dict(
-    max_steps=0,             # > 0: stop after this many steps (the schedule still spans epochs).
-    eval_every_steps=0,      # > 0: also evaluate every N steps (besides per epoch).
-    eval_batch_size=0,       # 0: same as batch_size.
-    standardize_labels=False,  # train on (y - mean) / std of the train labels.
-    loss="l1",               # "l1" or "smooth_l1" (Huber with delta 1 on the target scale).
-    final_eval=True,         # evaluate after the last step (the demo evaluates afterwards instead).
-)
-# Model keys build_model reads with defaults (not in configs/common.py).
-OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout", "small_target_init")
-
-DOWNLOAD_HINT = (
-    "Converted backbone weights are an Orbax params directory. Download the timm "
-    "checkpoint (e.g. swin_base_patch4_window7_224 from huggingface.co/timm) and convert it:\n"
-    "  python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR\n"
-    "then pass --config.pretrained_backbone=DIR (or set it to '' to train from scratch).")
-
+from hyperiqa_jax.config_checks import check_config, eval_batch_size
+from hyperiqa_jax.data import device
+from hyperiqa_jax.data.image import normalize
+from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable, quiet_library_logs
 
 # ----------------------------------------------------------------------------
 # Config.
-
-
-def check_config(config):
-    """Fills optional keys and rejects unknown keys and values that cannot work.
-
-    Raises `ConfigError` naming the key, so a mistake stops the run before the
-    first step instead of failing inside it (or, for a typo, being ignored).
-    """
-    from configs import common  # The reference key set lives with the configs.
-
-    template = common.seed_config()
-    with config.unlocked():
-        for key, value in TRAIN_DEFAULTS.items():
-            if key not in config.train:
-                config.train[key] = value
-    allowed = {"": set(template.keys()), "train": set(template.train.keys()) | set(TRAIN_DEFAULTS),
-               "data": set(template.data.keys()),
-               "model": set(template.model.keys()) | set(OPTIONAL_MODEL_KEYS)}
-    for section, keys in allowed.items():
-        node = config if not section else config.get(section)
-        if node is None:
-            raise ConfigError(f"config has no '{section}' section (start from "
-                              "configs/common.py's seed_config())")
-        for key in node.keys():
-            if key not in keys:
-                prefix = f"{section}." if section else ""
-                where = prefix + key
-                close = difflib.get_close_matches(key, sorted(keys), n=1)
-                hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-                raise ConfigError(f"unknown config key '{where}'{hint} "
-                                  f"(known keys are listed in configs/common.py)")
-    _check_values(config)
-    tc = config.train
-    if tc.eval_batch_size == 0:
-        with config.unlocked():
-            tc.eval_batch_size = tc.batch_size
-    n = jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        if tc[name] % n:
-            raise ConfigError(f"train.{name}={tc[name]} must be divisible by the {n} devices")
-    return config
-
-
-# Values that must be at least 1 / at least 0 (`section.key`).
-AT_LEAST_ONE = ("train.batch_size", "train.epochs", "train.log_every_steps",
-                "train.checkpoint_every_steps", "train.keep_checkpoints", "data.crop_size",
-                "data.train_crops", "data.test_crops", "data.mix_images", "data.prefetch",
-                "data.crop_step", "model.img_size")
-AT_LEAST_ZERO = ("train.max_steps", "train.eval_every_steps", "train.eval_every_epochs",
-                 "train.eval_batch_size", "train.patience", "train.warmup_steps",
-                 "train.weight_decay", "train.grad_clip", "train.lr_ratio",
-                 "train.ranking_loss_weight", "data.num_workers")
-CHOICES = {"train.loss": ("l1", "smooth_l1"),
-           "train.schedule": ("cosine_epoch", "warmup_cosine", "constant"),
-           "data.eval_protocol": ("random", "center", "grid")}
-WHY = {"data.crop_step": " (1: crop corners anywhere; 8: on JPEG's 8x8 block grid)",
-       "train.eval_batch_size": " (0: the same as train.batch_size)",
-       "train.max_steps": " (0: train.epochs decides)"}
-
-
-def _check_values(config):
-    """Counts, ranges and names in the config (see check_config)."""
-    from hyperiqa_jax.models.cpu_kernels import KERNELS
-    from hyperiqa_jax.models.hyperiqa import ATTENTIONS
-    from hyperiqa_jax.models.swin import REMAT, SWIN_CONFIGS, SwinTransformer
-
-    def get(key):
-        section, _, name = key.partition(".")
-        return config[section].get(name)
-
-    def number(key):
-        value = get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return value
-
-    for key in AT_LEAST_ONE:
-        if get(key) is not None and number(key) < 1:
-            raise ConfigError(f"{key}={get(key)} must be at least 1{WHY.get(key, '')}")
-    for key in AT_LEAST_ZERO:
-        if get(key) is not None and number(key) < 0:
-            raise ConfigError(f"{key}={get(key)} must be at least 0{WHY.get(key, '')}")
-    if not number("train.lr") > 0:
-        raise ConfigError(f"train.lr={config.train.lr} must be positive")
-    if not 0 <= number("data.max_bad_fraction") <= 1:
-        raise ConfigError(f"data.max_bad_fraction={config.data.max_bad_fraction} must be "
-                          "between 0 and 1 (the fraction of images allowed to fail to decode)")
-    choices = dict(CHOICES, **{"model.attention": ATTENTIONS, "model.dtype": models_lib.DTYPES,
-                               "model.kernels": KERNELS, "model.remat": REMAT})
-    choices["model.backbone"] = tuple(SWIN_CONFIGS) + models_lib.RESNET_BACKBONES
-    choices["data.name"] = data.DATASETS
-    for key, allowed in choices.items():
-        value = get(key)
-        if value not in allowed:
-            close = (difflib.get_close_matches(str(value), allowed, n=1)
-                     or [a for a in allowed if str(value) and str(value) in a])
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
-    if config.model.attention == "scale" and not config.model.multi_scale:
-        raise ConfigError("model.attention='scale' weighs the four stages: it needs "
-                          "model.multi_scale=True")
-    overrides = set(dict(config.model.get("backbone_overrides") or {}))
-    fields = {f.name for f in dataclasses.fields(SwinTransformer)} - {"parent", "name"}
-    if config.model.backbone in SWIN_CONFIGS and overrides - fields:
-        raise ConfigError(f"model.backbone_overrides has unknown Swin field(s) "
-                          f"{sorted(overrides - fields)}; known: {', '.join(sorted(fields))}")
-    try:  # the resize against the crop (the data module's own check)
-        data.target_size(config.data.crop_size, config.data.crop_size, config.data.resize,
-                         config.data.crop_size)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e) if isinstance(e, ConfigError) else
-                          f"data.resize={config.data.resize!r}: {e}") from None
 
 
 def _log(message):
@@ -184,21 +59,14 @@ def _config_to_json(config):
     return json.loads(config.to_json_best_effort())
 
 
+def workdir_path(workdir):
+    """The workdir as an epath.Path: local paths made absolute, `gs://...` kept."""
+    path = epath.Path(workdir)
+    return path if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+
+
 # ----------------------------------------------------------------------------
 # Steps (pure functions of the state; jitted with shardings in `compile_steps`).
-
-
-def init_state(model, tx, config, rng):
-    """The train state: {step, params, opt_state, rng[, batch_stats]} (plain dict)."""
-    crop = config.data.crop_size
-    init_rng, dropout_rng, train_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": init_rng, "dropout": dropout_rng},
-                           jnp.zeros((1, crop, crop, 3), jnp.float32), train=False)
-    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-             "opt_state": tx.init(variables["params"]), "rng": train_rng}
-    if "batch_stats" in variables:
-        state["batch_stats"] = variables["batch_stats"]
-    return state
 
 
 def score_loss(pred, target, train_config):
@@ -219,46 +87,51 @@ def score_loss(pred, target, train_config):
     return loss
 
 
-def train_step(state, batch, *, model, tx, train_config, label_stats):
-    """One optimiser step; returns (new state, {loss, grad_norm})."""
+def loss_and_grads(params, batch_stats, batch, rng, *, model, train_config, label_stats):
+    """(loss, gradient w.r.t. params, new batch_stats or None) for a batch of uint8 crops.
+
+    The differentiable half of `train_step`; the parity check against PyTorch
+    compares its gradients directly.
+    """
+    if batch["image"].dtype != jnp.uint8:
+        raise TypeError(f"batch['image'] must be uint8 crops (normalised inside the step), got "
+                        f"{batch['image'].dtype}")
     mean, std = label_stats
     target = (batch["score"] - mean) / std
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    has_bn = "batch_stats" in state
+    images = normalize(batch["image"])
+    mutable = ["batch_stats"] if batch_stats is not None else []
 
     def loss_fn(params):
         variables = {"params": params}
-        if has_bn:
-            variables["batch_stats"] = state["batch_stats"]
-        out, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
-                                   mutable=["batch_stats"] if has_bn else [])
-        return score_loss(out["score"].astype(jnp.float32), target, train_config), updates
+        if batch_stats is not None:
+            variables["batch_stats"] = batch_stats
+        out, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                   mutable=mutable)
+        loss = score_loss(out["score"].astype(jnp.float32), target, train_config)
+        return loss, updates.get("batch_stats")
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, step=state["step"] + 1, opt_state=opt_state,
-                     params=jax.tree.map(jnp.add, state["params"], param_updates))
-    if has_bn:
-        new_state["batch_stats"] = updates["batch_stats"]
-    return new_state, {"loss": loss, "grad_norm": _global_norm(grads)}
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, new_stats
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+def train_step(state_, batch, *, model, tx, train_config, label_stats):
+    """One optimiser step; returns (new state, {loss, grad_norm})."""
+    rng = jax.random.fold_in(state_["rng"], state_["step"])
+    loss, grads, batch_stats = loss_and_grads(
+        state_["params"], state_.get("batch_stats"), batch, rng, model=model,
+        train_config=train_config, label_stats=label_stats)
+    updates, opt_state = tx.update(grads, state_["opt_state"], state_["params"])
+    new_state = dict(state_, step=state_["step"] + 1, opt_state=opt_state,
+                     params=optax.apply_updates(state_["params"], updates))
+    if batch_stats is not None:
+        new_state["batch_stats"] = batch_stats
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
-def predict_step(variables, images, *, model, label_stats):
-    """Scores in label units (un-standardised) for a batch of crops."""
-    mean, std = label_stats
-    out = model.apply(variables, images, train=False)
-    return out["score"].astype(jnp.float32) * std + mean
-
-
-def inference_variables(state):
-    variables = {"params": state["params"]}
-    if "batch_stats" in state:
-        variables["batch_stats"] = state["batch_stats"]
-    return variables
+def eval_step(variables, batch, *, model, label_stats):
+    """Crop scores in label units, with the rows' image index and validity."""
+    score, _ = scoring.predict_scores(model, variables, batch["image"], label_stats)
+    return score, batch["image_index"], batch["valid"]
 
 
 def compile_steps(model, tx, config, label_stats, mesh, abstract_state):
@@ -272,126 +145,155 @@ def compile_steps(model, tx, config, label_stats, mesh, abstract_state):
                                 label_stats=stats),
         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, repl),
         donate_argnums=0)
-
-    # Eval returns index and validity with the scores, all replicated: each process then
-    # knows which image every score belongs to whatever the row order across processes.
-    def eval_fn(variables, batch):
-        return (predict_step(variables, batch["image"], model=model, label_stats=stats),
-                batch["image_index"], batch["valid"])
-
-    evaluate = jax.jit(eval_fn, out_shardings=repl)
+    # Outputs replicated: each process sees every row, whichever process decoded it.
+    evaluate = jax.jit(lambda v, b: eval_step(v, b, model=model, label_stats=stats),
+                       out_shardings=repl)
     return train, evaluate, dict(state=state_sharding, batch=batch_sharding, repl=repl)
 
 
-def to_global(local_batch, batch_sharding):
-    """This process's slice of the batch -> one global array per key."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+# ----------------------------------------------------------------------------
+# Evaluation.
 
 
-def local_slice(global_batch):
-    """This process's rows of a batch that every process produced in full."""
-    n, i = jax.process_count(), jax.process_index()
-    return {k: v[len(v) // n * i: len(v) // n * (i + 1)] for k, v in global_batch.items()}
+def evaluate_split(eval_fn, variables, source, config, batch_sharding):
+    """Per-image predictions (crop scores averaged) and metrics on a test split.
 
+    Each process decodes its share of the images (`make_eval_batches`); the
+    eval step's outputs are replicated, so every process gets every score.
+    """
+    count = jax.process_count()
+    batches = data.make_eval_batches(source, config.data,
+                                     batch_size=eval_batch_size(config.train) // count, seed=0,
+                                     process_index=jax.process_index(), process_count=count)
 
-def run_evaluation(evaluate, variables, records, config, batch_sharding, label_protocol=None):
-    """Per-image predictions (crop scores averaged) and metrics on `records`."""
-    preds, indices, valids = [], [], []
-    for batch in data.make_eval_batches(records, config.data,
-                                        batch_size=config.train.eval_batch_size, seed=0,
-                                        protocol=label_protocol):
-        p, idx, ok = evaluate(variables, to_global(local_slice(batch), batch_sharding))
-        preds.append(np.asarray(p))
-        indices.append(np.asarray(idx))
-        valids.append(np.asarray(ok))
-    per_image = data.average_by_image(np.concatenate(preds), np.concatenate(indices),
-                                      np.concatenate(valids), len(records))
-    per_image = np.asarray(per_image)
-    mos = np.array([r.score for r in records], np.float64)
+    def dispatch(batch):
+        scores, index, valid = eval_fn(variables, device.to_global(batch, batch_sharding))
+        return scores, None, index, valid
+
+    outputs = scoring.overlapped(batches, dispatch)
+    crops = data.num_eval_crops(config.data)
+    per_image = np.array([s for _, s, _ in scoring.iter_image_scores(outputs, len(source),
+                                                                     crops)])
+    mos = data.split_scores(source)
     ok = np.isfinite(per_image)  # images that failed to decode have no prediction
     return per_image, metrics.compute_all(per_image[ok], mos[ok])
 
 
 # ----------------------------------------------------------------------------
-# Logging (process 0 only).
-
-
-class MetricWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars."""
-
-    def __init__(self, workdir):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        self.path = Path(workdir) / "metrics.jsonl"
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
-        except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
-            self.tb = None
-
-    def write(self, step, epoch, split, values):
-        if not self.enabled:
-            return
-        row = {"step": int(step), "epoch": epoch, "split": split,
-               **{k: _jsonable(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{split}/{k}", v, int(step))
-
-    def close(self):
-        if self.enabled and self.tb is not None:
-            self.tb.close()
-
-
-def _jsonable(v):
-    v = float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-# ----------------------------------------------------------------------------
-# The run.
+# The run: small helpers, then the loop.
 
 
 def load_train_test_records(config):
-    """Train and test records (the data module's errors say what to download where)."""
+    """Train and test image sources: Records, or TfdsSources when data.tfds_dir is set.
+
+    Their labels: data.split_scores(source). The data module's errors say what to
+    download or build where.
+    """
     dc = config.data
-    kw = dict(label=dc.label or None, seed=config.seed)
-    return (data.load_records(dc.name, dc.root, dc.train_split, **kw),
-            data.load_records(dc.name, dc.root, dc.test_split, **kw))
+    return (data.load_split(dc, dc.train_split, seed=config.seed),
+            data.load_split(dc, dc.test_split, seed=config.seed))
 
 
-def load_pretrained_backbone(path, backbone_params):
-    """Converted backbone params from `path`, checked against the model's shapes."""
-    from hyperiqa_jax import params_io
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"pretrained_backbone {path} does not exist.\n{DOWNLOAD_HINT}")
-    loaded, _ = params_io.load_params(path)
-    if set(loaded) == {"backbone"}:
-        loaded = loaded["backbone"]
-    want = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_flatten_with_path(backbone_params)[0]}
-    got = {jax.tree_util.keystr(k): np.shape(v)
-           for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-    if want != got:
-        missing = sorted(set(want) - set(got))[:5]
-        extra = sorted(set(got) - set(want))[:5]
-        shape = [k for k in set(want) & set(got) if want[k] != got[k]][:5]
-        raise ConfigError(f"pretrained_backbone {path} does not fit the configured backbone: "
-                          f"missing {missing}, unexpected {extra}, wrong shape {shape}. "
-                          "Convert the checkpoint that matches config.model.backbone.")
-    return jax.tree.map(lambda ref, x: np.asarray(x, ref.dtype), backbone_params, loaded)
+def label_statistics(train_labels, standardize):
+    """(mean, std) the loss standardises labels with; (0, 1) when it does not."""
+    if not standardize:
+        return 0.0, 1.0
+    return float(train_labels.mean()), float(train_labels.std()) or 1.0
 
 
-class _StopSignal:
-    """Turns SIGTERM into a flag read at step boundaries (checkpoint, then exit)."""
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """What the loop decides with, saved in every checkpoint's meta."""
 
-    def __init__(self):
+    best_srcc: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+
+
+def initial_state(config, init_fn, abstract_state, shardings):
+    """Step 0: a sharded init, with the converted backbone if the config names one."""
+    train_state = jax.jit(init_fn, out_shardings=shardings["state"])(
+        jax.random.PRNGKey(config.seed))
+    if config.pretrained_backbone:
+        backbone = params_io.load_backbone(config.pretrained_backbone,
+                                            abstract_state["params"]["backbone"])
+        params = dict(train_state["params"], backbone=backbone)
+        train_state["params"] = jax.device_put(params, shardings["state"]["params"])
+    return train_state
+
+
+def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir):
+    """The train state, data position and progress saved at `step`."""
+    target = checkpointing.with_shardings(abstract_state, shardings["state"])
+    # The grain iterator state is saved per process; a checkpoint from another
+    # process count has none for this layout, so the data position is rebuilt
+    # from the step count (skip that many batches of this process's stream).
+    iter_file = (epath.Path(str(ckpt.latest.directory)) / str(step) / "data_iter" /
+                 f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    same_layout = iter_file.exists()
+    train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
+    if not same_layout:
+        _log(f"Checkpoint written by another process count: skipping {step} batches of the "
+             "input to its position")
+        for _ in range(step):
+            next(batches.host_iter)
+        batches.position = batches.host_iter.get_state()
+    if not np.allclose(tuple(meta["label_mean_std"]), label_stats):
+        raise UserError(f"the training labels changed since the checkpoint in {workdir} was "
+                        "written: use a new --workdir, or the data it was trained on")
+    progress = Progress(**{k: meta.get(k) for k in ("best_srcc", "best_step")},
+                        evals_since_best=meta.get("evals_since_best", 0))
+    _log(f"Resumed from {ckpt.latest.directory} at step {step}")
+    return train_state, progress
+
+
+def is_eval_step(step, train_config, steps_per_epoch, total_steps):
+    tc = train_config
+    epoch_end = step % steps_per_epoch == 0
+    return bool((epoch_end and tc.eval_every_epochs
+                 and (step // steps_per_epoch) % tc.eval_every_epochs == 0)
+                or (tc.eval_every_steps and step % tc.eval_every_steps == 0)
+                or (step == total_steps and tc.final_eval))
+
+
+def is_checkpoint_step(step, train_config, steps_per_epoch, total_steps):
+    return (step % train_config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0
+            or step == total_steps)
+
+
+def update_progress(progress, srcc, step, patience):
+    """(new progress, whether this evaluation is the best so far, early-stop reason or None)."""
+    srcc = srcc if math.isfinite(srcc) else -math.inf
+    if progress.best_srcc is None or srcc > progress.best_srcc:
+        return Progress(best_srcc=srcc, best_step=step, evals_since_best=0), True, None
+    progress = dataclasses.replace(progress, evals_since_best=progress.evals_since_best + 1)
+    stop = None
+    if patience and progress.evals_since_best >= patience:
+        stop = f"early stopping (no SRCC gain in {patience} evaluations)"
+    return progress, False, stop
+
+
+def check_finite(loss, step, ckpt, workdir):
+    """Raises when the loss is NaN/inf, naming the last good checkpoint (none is written)."""
+    if not math.isfinite(loss):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"non-finite training loss ({loss}) at step {step}. Stopped without saving; "
+            f"the last good checkpoint is step {ckpt.latest_step()} in "
+            f"{workdir / checkpointing.LATEST_DIR}. Lower train.lr, keep train.grad_clip on, "
+            "or check the labels.")
+
+
+class StopSignal:
+    """Turns SIGTERM into a stop at a step boundary (checkpoint, then exit).
+
+    One process reads its own flag every step (no synchronisation). Several
+    processes agree every `every` steps (one all-gather), so all of them stop
+    after the same step and the checkpoint resumes exactly.
+    """
+
+    def __init__(self, every):
+        self.every = every
         self.received = False
         self._previous = None
 
@@ -410,18 +312,47 @@ class _StopSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_process(self):
+    def should_stop(self, step):
         if jax.process_count() == 1:
             return self.received
+        if step % self.every:
+            return False
         from jax.experimental import multihost_utils
         return bool(multihost_utils.process_allgather(np.array(self.received)).any())
+
+
+def evaluate_and_keep_best(eval_fn, train_state, test_records, config, shardings, ckpt,
+                           progress, step, meta):
+    """Evaluates on the test split; saves best/ (with its per-image predictions) on a new best.
+
+    Returns (metrics, new progress, early-stop reason or None).
+    """
+    t0 = time.time()
+    variables = state.inference_variables(train_state)
+    predictions, m = evaluate_split(eval_fn, variables, test_records, config, shardings["batch"])
+    m["eval_seconds"] = time.time() - t0
+    progress, is_best, early_stop = update_progress(progress, m["srcc"], step,
+                                                    config.train.patience)
+    if is_best:  # `evaluate` on best/ reproduces these predictions image by image
+        ckpt.save_best(step, variables, dict(
+            meta, **dataclasses.asdict(progress), metrics=m, state_kind="inference",
+            test_predictions=[jsonable(x) for x in predictions]))
+    _log(f"step {step} test: SRCC {m['srcc']:.4f} PLCC {m['plcc']:.4f} KRCC {m['krcc']:.4f} "
+         f"RMSE {m['rmse']:.3f} ({m['eval_seconds']:.1f}s)")
+    return m, progress, early_stop
+
+
+def checkpoint_meta(config, label_stats, step, steps_per_epoch, progress):
+    """The JSON saved with a checkpoint: config, label statistics, step and progress."""
+    return {"config": _config_to_json(config), "label_mean_std": list(label_stats),
+            "step": int(step), "epoch": step / steps_per_epoch, **dataclasses.asdict(progress)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary."""
     check_config(config)
     tc = config.train
-    workdir = Path(workdir).absolute()
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     t_start = time.time()
@@ -430,204 +361,112 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
 
-    # ---- Input: this process's shard of the train set; the test set in full.
+    # ---- Input: this process's shard of the train set; its share of the test set.
     train_records, test_records = load_train_test_records(config)
-    if not train_records:
+    if not len(train_records):
         raise UserError(f"no training images in {config.data.name} ({config.data.root})")
-    scores = np.array([r.score for r in train_records], np.float64)
-    label_stats = ((float(scores.mean()), float(scores.std()) or 1.0)
-                   if tc.standardize_labels else (0.0, 1.0))
+    label_stats = label_statistics(data.split_scores(train_records), tc.standardize_labels)
     global_batch = tc.batch_size
-    local_batch = global_batch // jax.process_count()
     steps_per_epoch = data.steps_per_epoch(len(train_records), config.data, global_batch)
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     train_ds = data.make_train_dataset(
-        train_records, config.data, batch_size=local_batch, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(train_ds)
+        train_records, config.data, batch_size=global_batch // jax.process_count(),
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
 
-    # ---- Model, optimiser and initial state (shapes first, then a sharded init).
+    # ---- Model, optimiser, steps.
     model = models_lib.build_model(config.model)
     tx = optim.make_optimizer(tc, steps_per_epoch)
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = lambda r: init_state(model, tx, config, r)
-    abstract_state = jax.eval_shape(init_fn, rng)
+    init_fn = lambda rng: state.init_train_state(model, tx, config.data.crop_size, rng)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     train_fn, eval_fn, shardings = compile_steps(model, tx, config, label_stats, mesh,
                                                  abstract_state)
+    batches = device.DeviceBatches(iter(train_ds), shardings["batch"])
 
-    # ---- Checkpoint: resume if the workdir has one, else initialise.
+    # ---- State: resume if the workdir has a checkpoint, else initialise.
     ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints)
-    resume_step = ckpt.latest_step()
-    run_meta = {"best_srcc": None, "best_step": None, "evals_since_best": 0}
-    if resume_step is not None:
-        target = checkpointing.with_shardings(abstract_state, shardings["state"])
-        # The grain iterator state is saved per process; a checkpoint from another
-        # process count has none for this layout, so the data position is rebuilt
-        # from the step count (skip that many batches of this process's stream).
-        iter_file = (Path(str(ckpt.latest.directory)) / str(resume_step) / "data_iter" /
-                     f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-        same_layout = iter_file.exists()
-        state, meta = ckpt.restore(resume_step, target, train_iter if same_layout else None)
-        if not same_layout:
-            _log(f"Checkpoint written by another process count: skipping {resume_step} "
-                 "batches of the input to its position")
-            for _ in range(resume_step):
-                next(train_iter)
-        run_meta.update({k: meta.get(k, v) for k, v in run_meta.items()})
-        label_stats_saved = tuple(meta["label_mean_std"])
-        if not np.allclose(label_stats_saved, label_stats):
-            raise UserError(f"the training labels changed since the checkpoint in {workdir} was "
-                            "written: use a new --workdir, or the data it was trained on")
-        _log(f"Resumed from {ckpt.latest.directory} at step {resume_step}")
+    if ckpt.latest_step() is not None:
+        train_state, progress = resume(ckpt, ckpt.latest_step(), abstract_state, shardings,
+                                       batches, label_stats, workdir)
     else:
-        state = jax.jit(init_fn, out_shardings=shardings["state"])(rng)
-        if config.pretrained_backbone:
-            backbone = load_pretrained_backbone(config.pretrained_backbone,
-                                                abstract_state["params"]["backbone"])
-            params = dict(state["params"], backbone=backbone)
-            state["params"] = jax.device_put(params, shardings["state"]["params"])
-    start_step = int(state["step"])
+        train_state = initial_state(config, init_fn, abstract_state, shardings)
+        progress = Progress()
+    start_step = int(train_state["step"])
 
-    def meta_now(step, extra=None):
-        return {"config": _config_to_json(config), "label_mean_std": list(label_stats),
-                "step": int(step), "epoch": step / steps_per_epoch, **run_meta, **(extra or {})}
-
-    # ---- Loop.
     writer = MetricWriter(workdir)
-    if is_main:
-        n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
-        _log(f"{len(train_records)} train / {len(test_records)} test images, {steps_per_epoch} "
-             f"steps/epoch, {total_steps} steps, {n_params / 1e6:.2f}M params, "
-             f"{jax.device_count()} device(s)")
-    stop_reason, last_eval = "completed", None
-    last_loss, steps_done, t_train = None, 0, 0.0
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    _log(f"{len(train_records)} train / {len(test_records)} test images, {steps_per_epoch} "
+         f"steps/epoch, {total_steps} steps, {n_params / 1e6:.2f}M params, "
+         f"{jax.device_count()} device(s)")
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               dynamic_ncols=True, file=sys.stderr, disable=not is_main)
 
-    def evaluate(step):
-        nonlocal last_eval, stop_reason
-        t0 = time.time()
-        _, m = run_evaluation(eval_fn, inference_variables(state), test_records, config,
-                              shardings["batch"])
-        m["eval_seconds"] = time.time() - t0
-        writer.write(step, step / steps_per_epoch, "test", m)
-        last_eval = dict(m, step=step)
-        srcc = m["srcc"] if math.isfinite(m["srcc"]) else -math.inf
-        if run_meta["best_srcc"] is None or srcc > run_meta["best_srcc"]:
-            run_meta.update(best_srcc=srcc, best_step=step, evals_since_best=0)
-            ckpt.save_best(step, inference_variables(state),
-                           meta_now(step, {"metrics": m, "state_kind": "inference"}))
-        else:
-            run_meta["evals_since_best"] += 1
-            if tc.patience and run_meta["evals_since_best"] >= tc.patience:
-                stop_reason = f"early stopping (no SRCC gain in {tc.patience} evaluations)"
-        if is_main:
-            _log(f"step {step} test: SRCC {m['srcc']:.4f} PLCC {m['plcc']:.4f} "
-                 f"KRCC {m['krcc']:.4f} RMSE {m['rmse']:.3f} ({m['eval_seconds']:.1f}s)")
-
-    def check_finite(loss, step):
-        if not math.isfinite(loss):
-            ckpt.wait()
-            good = ckpt.latest_step()
-            raise FloatingPointError(
-                f"non-finite training loss ({loss}) at step {step}. Stopped without saving; "
-                f"the last good checkpoint is step {good} in {workdir / 'checkpoints'}. "
-                "Lower train.lr, keep train.grad_clip on, or check the labels.")
-
-    bar = None
-    if is_main:
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
-    pending, t_log, images_since_log = None, time.time(), 0
-    step = start_step
-    with jax.set_mesh(mesh), _StopSignal() as stop:
+    # ---- Loop. The host reads device values only at log, evaluation and checkpoint steps.
+    stop_reason, last_eval, last_loss = "completed", None, None
+    t_loop = t_log = time.time()
+    t_eval, step = 0.0, start_step
+    with jax.set_mesh(mesh), StopSignal(tc.stop_check_every_steps) as stop:
         while step < total_steps:
-            batch = to_global(next(train_iter), shardings["batch"])
-            t0 = time.time()
-            state, step_metrics = train_fn(state, batch)
+            train_state, step_metrics = train_fn(train_state, next(batches))
             step += 1
-            # Read the previous step's loss: the device is already busy with this one.
-            if pending is not None:
-                last_loss = float(pending[1]["loss"])
-                check_finite(last_loss, pending[0])
-            pending = (step, step_metrics)
-            steps_done += 1
-            images_since_log += global_batch
-            t_train += time.time() - t0
+            bar.update(1)
 
-            epoch_end = step % steps_per_epoch == 0
             if step % tc.log_every_steps == 0 or step == total_steps:
                 m = jax.device_get(step_metrics)
                 last_loss = float(m["loss"])
-                check_finite(last_loss, step)
-                ips = images_since_log / max(time.time() - t_log, 1e-9)
+                check_finite(last_loss, step, ckpt, workdir)
+                steps_logged = step % tc.log_every_steps or tc.log_every_steps
+                ips = steps_logged * global_batch / max(time.time() - t_log, 1e-9)
                 lrs = {f"lr_{k}": float(s(step - 1)) for k, s in
                        optim.lr_schedules(tc, steps_per_epoch).items()}
                 writer.write(step, step / steps_per_epoch, "train",
                              {"loss": last_loss, "grad_norm": float(m["grad_norm"]),
                               "images_per_second": ips, **lrs})
-                t_log, images_since_log = time.time(), 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
-            if bar is not None:
-                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.1f}")
+                t_log = time.time()
 
-            do_eval = ((epoch_end and tc.eval_every_epochs
-                        and (step // steps_per_epoch) % tc.eval_every_epochs == 0)
-                       or (tc.eval_every_steps and step % tc.eval_every_steps == 0)
-                       or (step == total_steps and tc.final_eval))
-            if do_eval:
-                evaluate(step)
-            preempted = stop.any_process()
-            if (step % tc.checkpoint_every_steps == 0 or epoch_end or do_eval
-                    or step == total_steps or preempted or stop_reason != "completed"):
+            evaluated = is_eval_step(step, tc, steps_per_epoch, total_steps)
+            if evaluated:
+                m, progress, early_stop = evaluate_and_keep_best(
+                    eval_fn, train_state, test_records, config, shardings, ckpt, progress, step,
+                    checkpoint_meta(config, label_stats, step, steps_per_epoch, progress))
+                writer.write(step, step / steps_per_epoch, "test", m)
+                last_eval, t_eval = dict(m, step=step), t_eval + m["eval_seconds"]
+                stop_reason = early_stop or stop_reason
+
+            preempted = stop.should_stop(step)
+            if (is_checkpoint_step(step, tc, steps_per_epoch, total_steps) or evaluated
+                    or preempted or stop_reason != "completed"):
                 last_loss = float(step_metrics["loss"])
-                check_finite(last_loss, step)
-                ckpt.save(step, state, train_iter, meta_now(step, {"state_kind": "train"}))
+                check_finite(last_loss, step, ckpt, workdir)
+                ckpt.save(step, train_state, batches, dict(
+                    checkpoint_meta(config, label_stats, step, steps_per_epoch, progress),
+                    state_kind="train"))
             if preempted:
                 stop_reason = "preempted (SIGTERM): checkpoint saved, rerun to resume"
             if stop_reason != "completed":
                 break
-    if bar is not None:
-        bar.close()
+    bar.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
 
+    t_train = time.time() - t_loop - t_eval  # the first step's compilation included
     summary = {
         "workdir": str(workdir), "stop_reason": stop_reason, "start_step": start_step,
         "step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch,
         "steps_per_epoch": steps_per_epoch, "final_loss": last_loss,
-        "train_images_per_second": steps_done * global_batch / t_train if t_train else None,
+        "train_images_per_second": (step - start_step) * global_batch / t_train,
         "wall_seconds": time.time() - t_start, "label_mean_std": list(label_stats),
-        "best_step": run_meta["best_step"], "best_srcc": run_meta["best_srcc"],
+        "best_step": progress.best_step, "best_srcc": progress.best_srcc,
         "last_eval": last_eval, "num_train_images": len(train_records),
         "num_test_images": len(test_records), "devices": jax.device_count(),
         "checkpoints": str(workdir / checkpointing.LATEST_DIR),
         "best_checkpoint": str(workdir / checkpointing.BEST_DIR),
     }
     if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=jsonable))
         print(format_summary(summary), flush=True)
     return summary
-
-
-def format_summary(s):
-    ev = s["last_eval"] or {}
-    lines = [
-        "Run summary",
-        f"  stopped:     {s['stop_reason']} at step {s['step']}/{s['total_steps']} "
-        f"(epoch {s['epoch']:.2f})",
-        f"  wall time:   {s['wall_seconds']:.1f}s; train throughput "
-        f"{(s['train_images_per_second'] or 0):.1f} images/s on {s['devices']} device(s)",
-        f"  final loss:  {s['final_loss']}",
-    ]
-    if ev:
-        lines.append(f"  last eval:   step {ev['step']}: SRCC {ev['srcc']:.4f}  PLCC "
-                     f"{ev['plcc']:.4f}  KRCC {ev['krcc']:.4f}  RMSE {ev['rmse']:.3f}  "
-                     f"PLCC(logistic) {ev['plcc_logistic']:.4f}")
-    if s["best_step"] is not None:
-        lines.append(f"  best:        SRCC {s['best_srcc']:.4f} at step {s['best_step']} "
-                     f"-> {s['best_checkpoint']}")
-    return "\n".join(lines)
 
 
 def define_flags():
@@ -639,7 +478,9 @@ def define_flags():
 
 def check_workdir(workdir):
     """A workdir must be a folder or not exist yet (it is created)."""
-    path = Path(workdir)
+    if "://" in str(workdir):
+        return  # a bucket path: Orbax creates it
+    path = epath.Path(os.path.abspath(workdir))
     for parent in (path, *path.parents):
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--workdir {workdir}: {parent} is a file, not a folder; give a "
@@ -656,13 +497,15 @@ def check_images(records, data_config, sample=32):
     reach anyway; a folder of unreadable files then fails in a second instead of
     after the compilation.
     """
-    from hyperiqa_jax.data.pipeline import BadImageTracker
+    from hyperiqa_jax.data.pipeline import BadImageTracker, as_source
 
-    tracker = BadImageTracker(len(records), float(data_config.max_bad_fraction))
-    for record in records[::max(1, len(records) // sample)][:sample]:
+    source = as_source(records)
+    tracker = BadImageTracker(len(source), float(data_config.max_bad_fraction))
+    for i in range(0, len(source), max(1, len(source) // sample))[:sample]:
+        image, _, name = source[i]
         try:
-            data.load_resized(record.path, data_config.resize, data_config.crop_size,
-                              draft=bool(data_config.get("decode_draft", False)))
+            data.load_resized(image, data_config.resize, data_config.crop_size, name=name,
+                              draft=bool(data_config.decode_draft))
         except data.ImageDecodeError as e:
             tracker.report(e)
 
@@ -683,9 +526,9 @@ def main(argv):
     # Both again inside train_and_evaluate; here before any set-up (seconds, not minutes).
     check_config(FLAGS.config)
     backbone = FLAGS.config.pretrained_backbone
-    steps = (Path(FLAGS.workdir) / checkpointing.LATEST_DIR).glob("[0-9]*")
+    steps = (workdir_path(FLAGS.workdir) / checkpointing.LATEST_DIR).glob("[0-9]*")
     fresh_run = not any(steps)  # a resumed run does not load the backbone
-    if backbone and fresh_run and not Path(backbone).exists():
+    if backbone and fresh_run and not epath.Path(backbone).exists():
         raise ConfigError(
             f"pretrained_backbone {backbone} does not exist: convert timm weights with "
             "`python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR` "

@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--checkpoint_every", type=int, default=1000)
     parser.add_argument("--emulate_processes", type=int, default=0)
+    parser.add_argument("--stop_check_every", type=int, default=2,
+                        help="train.stop_check_every_steps: processes agree on SIGTERM every N")
     parser.add_argument("--step_sleep", type=float, default=0.0,
                         help="seconds to sleep before each step (widens kill windows)")
     args = parser.parse_args(argv)
@@ -87,6 +89,7 @@ def main(argv=None):
         config.train.max_steps = args.steps
         config.train.checkpoint_every_steps = args.checkpoint_every
         config.train.keep_checkpoints = 3
+        config.train.stop_check_every_steps = args.stop_check_every
         config.data.num_workers = 1
     summary = train.train_and_evaluate(config, args.workdir)
 

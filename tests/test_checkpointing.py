@@ -80,7 +80,7 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, {repo!r})
 from tests import train_utils
-from hyperiqa_jax import optim, train
+from hyperiqa_jax import optim, state as state_lib, train
 from hyperiqa_jax.models import build_model
 train_utils.enable_compilation_cache()
 assert jax.device_count() == 8
@@ -90,11 +90,12 @@ model, state = train_utils.save_init_checkpoint({workdir!r}, c)
 # One step so the optimiser state is not all zeros, then save that sharded over 8 devices.
 tx = optim.make_optimizer(c.train, 1)
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-abstract = jax.eval_shape(lambda r: train.init_state(model, tx, c, r), jax.random.PRNGKey(0))
+abstract = jax.eval_shape(lambda r: state_lib.init_train_state(model, tx, 56, r),
+                          jax.random.PRNGKey(0))
 step, _, sh = train.compile_steps(model, tx, c, (50.0, 20.0), mesh, abstract)
 state = jax.device_put(state, sh["state"])
 rng = np.random.default_rng(0)
-batch = {{"image": rng.normal(size=(8, 56, 56, 3)).astype(np.float32),
+batch = {{"image": rng.integers(0, 256, (8, 56, 56, 3), dtype=np.uint8),
           "score": rng.uniform(0, 100, 8).astype(np.float32)}}
 with jax.set_mesh(mesh):
     state, _ = step(state, jax.device_put(batch, sh["batch"]))
@@ -121,16 +122,19 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "8"
 
+    from hyperiqa_jax import optim
+    from hyperiqa_jax import state as state_lib
     from hyperiqa_jax.models import build_model
-    from hyperiqa_jax.scoring import abstract_checkpoint_state
 
     assert jax.device_count() == 1
     meta = checkpointing.read_meta(tmp_path / "checkpoints", 1)
     config = checkpointing.config_from_meta(meta)
-    abstract = abstract_checkpoint_state(build_model(config.model), config, "train")
+    tx = optim.make_optimizer(config.train, 1)
+    abstract = jax.eval_shape(
+        lambda r: state_lib.init_train_state(build_model(config.model), tx, 56, r),
+        jax.random.PRNGKey(0))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract)
+    target = checkpointing.with_shardings(abstract, sharding)
     state = checkpointing.restore_state(tmp_path / "checkpoints", 1, target)
     saved = np.load(tmp_path / "leaves.npz")
     leaves = jax.tree.leaves(state)
@@ -149,3 +153,17 @@ def test_config_round_trips_through_meta():
     back = checkpointing.config_from_meta(meta)
     assert back.model.backbone_overrides.depths == (1, 1, 1, 1)
     assert back.train.lr == c.train.lr
+    assert back.to_dict() == c.to_dict()
+
+
+def test_config_of_an_older_run_gets_the_new_keys_defaults():
+    from configs import common
+
+    c = train_utils.tiny_config()
+    saved = json.loads(c.to_json_best_effort())
+    del saved["data"]["worker_processes"], saved["train"]["stop_check_every_steps"]
+    back = checkpointing.config_from_meta({"config": saved})
+    defaults = common.seed_config()
+    assert back.data.worker_processes == defaults.data.worker_processes
+    assert back.train.stop_check_every_steps == defaults.train.stop_check_every_steps
+    assert back.data.crop_size == c.data.crop_size == 56

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from hyperiqa_jax import evaluate
 from tests import train_utils
@@ -32,10 +33,17 @@ def test_evaluate_tables_and_figures(setup):
     results = evaluate.run(str(wd), [f"manifest:test={root}", f"manifest={root}"],
                            protocol="grid")
     assert [(r["split"], r["num_images"]) for r in results] == [("test", 8), ("all", 24)]
+    from hyperiqa_jax import QualityModel, data
+
+    model = QualityModel.from_checkpoint(str(wd), protocol="grid")
     for r in results:
         assert set(evaluate.COLUMNS) <= set(r)
-        assert -1 <= r["srcc"] <= 1 or np.isnan(r["srcc"])
         assert r["failed_images"] == 0
+        # The table's SRCC is scipy's on (this split's scores, its labels from the manifest).
+        records = data.load_records("manifest", root, r["split"])
+        mos = [rec.score for rec in records]
+        pred = model.score([rec.path for rec in records])
+        assert r["srcc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
     out = wd / "eval"
     table = (out / "results.md").read_text()
     assert "| manifest | test | 8 |" in table
@@ -43,6 +51,28 @@ def test_evaluate_tables_and_figures(setup):
     for name in ("scatter_manifest_test.png", "attention_manifest_test.png",
                  "scatter_manifest_all.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000, name
+
+
+@pytest.mark.parametrize("protocol", ["random", "center", "grid"])
+def test_evaluate_reproduces_training_time_predictions(protocol, tmp_path):
+    """`evaluate` on best/ gives, image by image, what training-time evaluation recorded."""
+    from hyperiqa_jax import QualityModel, checkpointing, train
+
+    root = train_utils.write_manifest_dataset(str(tmp_path / "data"), n_train=8, n_test=6)
+    c = train_utils.tiny_config(root=root, name="manifest")
+    c.data.eval_protocol = protocol
+    c.train.update(max_steps=1, eval_batch_size=4)  # batches split images' crops
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    meta = checkpointing.read_meta(*checkpointing.find_checkpoint(tmp_path / "run" / "best"))
+    recorded = np.array(meta["test_predictions"], np.float64)
+    assert recorded.shape == (6,) and np.all(np.isfinite(recorded))
+
+    model = QualityModel.from_checkpoint(str(tmp_path / "run"), protocol=None)  # the run's
+    assert model.protocol == protocol and model.batch_size == 4
+    result, pred, mos, _ = evaluate.evaluate_dataset(model, "manifest", "test", root)
+    np.testing.assert_array_equal(pred, recorded)
+    assert result["srcc"] == meta["metrics"]["srcc"]
+    assert result["plcc"] == meta["metrics"]["plcc"]
 
 
 def test_cli_and_bad_data_argument(setup, tmp_path):

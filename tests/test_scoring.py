@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hyperiqa_jax import checkpointing
-from hyperiqa_jax.data import ImageDecodeError
+from hyperiqa_jax.data import ImageDecodeError, normalize
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,8 @@ def test_score_is_mean_over_crops_in_label_units(workdir, images):
     model = QualityModel.from_checkpoint(workdir)
     crops = model.crops(images[0])
     assert crops.shape == (model.num_crops, model.crop_size, model.crop_size, 3)
-    raw = model.model.apply(jax.device_get(model.variables), crops)["score"]
+    assert crops.dtype == np.uint8
+    raw = model.model.apply(jax.device_get(model.variables), normalize(crops))["score"]
     np.testing.assert_allclose(model.score(images[:1])[0], float(np.mean(raw)) * 20 + 50,
                                rtol=1e-5)
 
@@ -94,6 +95,17 @@ def test_attention_and_best_checkpoint(workdir, images, tmp_path):
     best = QualityModel.from_checkpoint(tmp_path)
     assert "best" in best.source
     np.testing.assert_allclose(best.score(images), scores, rtol=1e-6)
+
+
+def test_inference_does_not_import_the_trainer(workdir, images):
+    code = ("import sys; from hyperiqa_jax import QualityModel; "
+            f"QualityModel.from_checkpoint({str(workdir)!r}).score({images[:1]!r}); "
+            "loaded = [m for m in ('hyperiqa_jax.train', 'optax', 'tensorboardX', 'tqdm') "
+            "if m in sys.modules]; print(loaded)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_import_is_light():

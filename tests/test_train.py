@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from hyperiqa_jax import checkpointing, train
+from hyperiqa_jax.data import device
+from hyperiqa_jax.models import build_model
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,15 +40,16 @@ def _config(root, **train_overrides):
 
 
 def _final_params(workdir, config):
-    manager_dir, step = checkpointing.find_checkpoint(Path(workdir) / "checkpoints")
+    """(step, {params[, batch_stats]}) of the latest checkpoint in `workdir`."""
+    from hyperiqa_jax import state
     from hyperiqa_jax.models import build_model
-    from hyperiqa_jax.scoring import abstract_checkpoint_state
 
-    abstract = abstract_checkpoint_state(build_model(config.model), config, "train")
+    manager_dir, step = checkpointing.find_checkpoint(Path(workdir) / "checkpoints")
+    abstract = state.abstract_inference_variables(build_model(config.model),
+                                                  config.data.crop_size)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          abstract)
-    return step, checkpointing.restore_state(manager_dir, step, target)
+    target = checkpointing.with_shardings(abstract, sharding)
+    return step, checkpointing.restore_variables(manager_dir, step, target)
 
 
 # ---------------------------------------------------------------------------- config errors
@@ -106,7 +109,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType
 sys.path.insert(0, {repo!r})
 from tests import train_utils
-from hyperiqa_jax import optim, train
+from hyperiqa_jax import optim, state, train
 from hyperiqa_jax.models import build_model
 train_utils.enable_compilation_cache()
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -115,21 +118,21 @@ c = train_utils.tiny_config()
 train.check_config(c)
 model = build_model(c.model)
 tx = optim.make_optimizer(c.train, 10)
-init = lambda r: train.init_state(model, tx, c, r)
+init = lambda r: state.init_train_state(model, tx, c.data.crop_size, r)
 abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
 rng = np.random.default_rng(0)
-batch = {{"image": rng.normal(size=(8, 56, 56, 3)).astype(np.float32),
+batch = {{"image": rng.integers(0, 256, (8, 56, 56, 3), dtype=np.uint8),
           "score": rng.uniform(0, 100, 8).astype(np.float32)}}
 results = {{}}
 for n in (1, 8):
     mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
     step, _, sh = train.compile_steps(model, tx, c, (50.0, 20.0), mesh, abstract)
-    state = jax.jit(init, out_shardings=sh["state"])(jax.random.PRNGKey(0))
+    s = jax.jit(init, out_shardings=sh["state"])(jax.random.PRNGKey(0))
     with jax.set_mesh(mesh):
         for _ in range(2):
-            state, m = step(state, jax.device_put(batch, sh["batch"]))
-    assert len(state["params"]["hyper"]["fc1_weight_conv"]["kernel"].sharding.device_set) == n
-    results[n] = (jax.device_get(state["params"]), jax.device_get(m))
+            s, m = step(s, jax.device_put(batch, sh["batch"]))
+    assert len(s["params"]["hyper"]["fc1_weight_conv"]["kernel"].sharding.device_set) == n
+    results[n] = (jax.device_get(s["params"]), jax.device_get(m))
 (p1, m1), (p8, m8) = results[1], results[8]
 diff = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8))
 scale = jax.tree.leaves(jax.tree.map(lambda a: float(np.max(np.abs(a))), p1))
@@ -178,17 +181,19 @@ def test_sigterm_checkpoint_then_resume_is_bit_identical(tmp_path, demo_root, mo
     assert straight["step"] == 2 * k
 
     calls = {"n": 0}
-    to_global = train.to_global
+    to_global = device.to_global
 
     def to_global_then_sigterm(batch, sharding):
         calls["n"] += 1
-        if calls["n"] == k:  # arrives during step k: saved at its end, then exit
+        # Batches are read DEVICE_PREFETCH ahead: this read happens as step k starts, so
+        # the signal arrives during step k, which is saved, then the run exits.
+        if calls["n"] == k + device.DEVICE_PREFETCH:
             os.kill(os.getpid(), signal.SIGTERM)
         return to_global(batch, sharding)
 
-    monkeypatch.setattr(train, "to_global", to_global_then_sigterm)
+    monkeypatch.setattr(device, "to_global", to_global_then_sigterm)
     first = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
-    monkeypatch.setattr(train, "to_global", to_global)
+    monkeypatch.setattr(device, "to_global", to_global)
     assert first["stop_reason"].startswith("preempted") and first["step"] == k
     second = train.train_and_evaluate(_config(demo_root, max_steps=2 * k), str(tmp_path / "b"))
     assert second["start_step"] == k and second["step"] == 2 * k
@@ -228,3 +233,133 @@ def test_demo_entry_point_runs_end_to_end(tmp_path, demo_root, capsys):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and not [r for r in rows if r["split"] == "test"]
     assert result["summary"]["best_step"] is None
+
+
+# ---------------------------------------------------------------------------- loss, loop rules
+
+
+def _pairwise_hinge(pred, target, margin):
+    """The ranking loss written out pair by pair (the closed form `score_loss` vectorises)."""
+    total, pairs = 0.0, 0
+    for i in range(len(pred)):
+        for j in range(len(pred)):
+            if target[i] != target[j]:
+                sign = 1.0 if target[i] > target[j] else -1.0
+                total += max(0.0, margin - sign * (pred[i] - pred[j]))
+                pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
+def test_score_loss_matches_its_closed_form(loss):
+    pred, target = [3.0, 2.0, 2.05, 0.25], [0.0, 0.0, 4.0, 1.5]
+    errors = [p - t for p, t in zip(pred, target)]  # 3, 2, -1.95, -1.25: both Huber branches
+    if loss == "l1":
+        data_term = sum(abs(e) for e in errors) / 4
+    else:
+        data_term = sum(0.5 * e * e if abs(e) < 1 else abs(e) - 0.5 for e in errors) / 4
+    tc = train_utils.tiny_config().train
+    tc.loss, tc.ranking_loss_weight, tc.ranking_margin = loss, 0.0, 0.1
+    got = train.score_loss(jnp.array(pred), jnp.array(target), tc)
+    assert float(got) == pytest.approx(data_term, rel=1e-6)
+    tc.ranking_loss_weight = 0.5
+    got = train.score_loss(jnp.array(pred), jnp.array(target), tc)
+    hinge = _pairwise_hinge(pred, target, 0.1)
+    assert hinge > 0.1  # the example violates the margin
+    assert float(got) == pytest.approx(data_term + 0.5 * hinge, rel=1e-6)
+
+
+def test_step_normalises_uint8_crops_as_the_host_did():
+    """The loss of uint8 crops normalised in the step = the model on host-normalised floats."""
+    from hyperiqa_jax import data, state
+
+    c = train_utils.tiny_config()
+    c.model.dropout = c.model.drop_path_rate = 0.0
+    model = build_model(c.model)
+    variables = state.init_variables(model, 56, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    scores = np.array([10.0, 40.0, 60.0, 90.0], np.float32)
+    loss, _, _ = train.loss_and_grads(variables["params"], None, {"image": crops, "score": scores},
+                                      jax.random.PRNGKey(2), model=model, train_config=c.train,
+                                      label_stats=(50.0, 20.0))
+    # The host path before this change: (x / 255 - mean) / std in float64, then float32.
+    host = ((crops / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD).astype(np.float32)
+    out = model.apply(variables, host, train=False)["score"]
+    expected = train.score_loss(out, (scores - 50.0) / 20.0, c.train)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        train.loss_and_grads(variables["params"], None, {"image": host, "score": scores},
+                             jax.random.PRNGKey(2), model=model, train_config=c.train,
+                             label_stats=(50.0, 20.0))
+
+
+def test_check_config_does_not_change_the_config():
+    c = train_utils.tiny_config()
+    c.train.eval_batch_size = 0
+    before = c.to_dict()
+    train.check_config(c)
+    assert c.to_dict() == before
+    assert train.eval_batch_size(c.train) == c.train.batch_size
+
+
+def test_patience_stops_early_and_eval_every_steps(tmp_path, demo_root):
+    """A learning rate too small to change the SRCC: the second evaluation is no gain."""
+    c = _config(demo_root, max_steps=5, eval_every_steps=1, eval_every_epochs=0, patience=1,
+                lr=1e-12, schedule="constant", final_eval=False)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    assert summary["stop_reason"].startswith("early stopping") and summary["step"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "test"] == [1, 2]
+    assert summary["best_step"] == 1
+    # The stop is checkpointed, and a rerun does not train on.
+    again = train.train_and_evaluate(c, str(tmp_path))
+    assert again["start_step"] == 2
+
+
+def test_resnet_batch_stats_train_and_are_scored(tmp_path, demo_root):
+    """C0 (ResNet-50): BatchNorm statistics update in training and are what best/ holds."""
+    from configs import resnet50_hyperiqa
+    from hyperiqa_jax import QualityModel, state
+
+    c = resnet50_hyperiqa.get_config()
+    c.data.update(name="demo", root=demo_root, resize=None, train_crops=1, test_crops=1,
+                  eval_protocol="center", num_workers=1, worker_processes=0)
+    c.model.dtype = "float32"
+    c.train.update(batch_size=2, eval_batch_size=2, max_steps=2, eval_every_epochs=0,
+                   log_every_steps=1)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    assert summary["step"] == 2 and summary["best_step"] == 2
+    init = state.init_variables(build_model(c.model), 224, *jax.random.split(
+        jax.random.PRNGKey(c.seed), 3)[:2])
+    model = QualityModel.from_checkpoint(str(tmp_path))
+    trained = jax.device_get(model.variables)
+    assert "batch_stats" in trained
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         trained["batch_stats"], init["batch_stats"]))
+    assert max(moved) > 1e-4  # running means/vars moved towards the batches' statistics
+
+
+def test_training_starts_from_a_converted_timm_backbone(tmp_path, demo_root):
+    """timm Swin weights -> convert -> pretrained_backbone: step 0 holds exactly them."""
+    timm = pytest.importorskip("timm")
+    from hyperiqa_jax.params_io import save_params
+    from weights_conversion import swin as swin_conversion
+
+    c = _config(demo_root, max_steps=1, lr=1e-12, schedule="constant", weight_decay=0.0,
+                final_eval=False, eval_every_epochs=0)
+    overrides = dict(c.model.backbone_overrides)
+    torch_model = timm.models.swin_transformer.SwinTransformer(
+        img_size=56, in_chans=3, **overrides, num_classes=0)
+    converted = swin_conversion.convert_state_dict(
+        torch_model.state_dict(), c.model.backbone, img_size=56, **overrides)
+    save_params(tmp_path / "backbone", converted, {"model": "tiny test Swin"})
+    c.pretrained_backbone = str(tmp_path / "backbone")
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    _, variables = _final_params(tmp_path / "run", c)
+    got = jax.tree_util.tree_flatten_with_path(variables["params"]["backbone"])[0]
+    want = dict(jax.tree_util.tree_flatten_with_path(converted)[0])
+    assert len(got) == len(want)
+    for path, value in got:  # one AdamW step at lr 1e-12 moves nothing visible in float32
+        np.testing.assert_allclose(np.asarray(value), np.asarray(want[path]), rtol=0,
+                                   atol=1e-9)

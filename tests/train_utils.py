@@ -82,21 +82,22 @@ def save_init_checkpoint(workdir, config, label_stats=(50.0, 20.0)):
     """A step-0 training checkpoint of `config` without training (for scoring tests)."""
     import grain
 
-    from hyperiqa_jax import checkpointing, optim, train
+    from hyperiqa_jax import checkpointing, optim, state, train
     from hyperiqa_jax.models import build_model
 
     train.check_config(config)
     model = build_model(config.model)
     tx = optim.make_optimizer(config.train, 1)
-    state = jax.jit(lambda r: train.init_state(model, tx, config, r))(jax.random.PRNGKey(0))
+    train_state = jax.jit(lambda r: state.init_train_state(model, tx, config.data.crop_size, r))(
+        jax.random.PRNGKey(0))
     it = iter(grain.MapDataset.range(4).to_iter_dataset())
     ckpt = checkpointing.Checkpointer(workdir, keep=1)
     meta = {"config": json.loads(config.to_json_best_effort()),
             "label_mean_std": list(label_stats), "step": 0, "state_kind": "train"}
-    ckpt.save(0, state, it, meta)
+    ckpt.save(0, train_state, it, meta)
     ckpt.wait()
     ckpt.close()
-    return model, state
+    return model, train_state
 
 
 def enable_compilation_cache():

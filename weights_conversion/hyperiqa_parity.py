@@ -4,37 +4,39 @@ Forward: same (perturbed, score-calibrated) weights and images, float32, every
 intermediate compared: stage maps, pooled maps, LDA vector, fused map,
 hyper_in_feat, every generated target weight and bias, attention, score.
 
-Training step: one step of L1 loss + global-norm clipping + AdamW with the two
-learning-rate groups (`hyperiqa_jax.optim.make_optimizer` against
-`torch.optim.AdamW`), dropout and drop path off; compares gradients, updated
-parameters and (ResNet) the BatchNorm running statistics.
+Training steps: `hyperiqa_jax.train.train_step` (the step training runs: uint8
+crops normalised inside it, L1 loss, global-norm clipping, AdamW with the two
+learning-rate groups and the config's schedule) against the same steps in
+PyTorch (`torch.optim.AdamW`, `clip_grad_norm_`), dropout and drop path off,
+over several steps; compares the gradients of every step directly
+(`train.loss_and_grads`), the parameters after the last step and (ResNet) the
+BatchNorm running statistics.
 
 Used by `python -m weights_conversion.validate_parity --config configs/X.py` and the tests.
 """
 
 import copy
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from flax import traverse_util
 
+from hyperiqa_jax.data.image import normalize
 from hyperiqa_jax.models import RESNET_BACKBONES, build_model
 from weights_conversion import hyperiqa as conversion
 from weights_conversion import swin as swin_conversion
 from weights_conversion.torch_reference import HyperIQAReference, calibrate_scores, perturb
 from weights_conversion.validate_parity import difference
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 NCHW_KEYS = ("stage_maps", "pooled_maps", "fused", "hyper_in_feat")
 
 
-def make_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
-    """Normalised NHWC images that differ in colour, structure and noise level."""
+def make_crops(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 NHWC crops that differ in colour, structure and noise level."""
     rng = np.random.RandomState(seed)
     images = []
     for i in range(batch):
@@ -43,7 +45,12 @@ def make_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
         image = np.kron(block, np.ones((size // cells + 1, size // cells + 1, 1)))[:size, :size]
         image = image + rng.randn(size, size, 3) * 0.04 * (1 + i)
         images.append(np.clip(image, 0.0, 1.0))
-    return ((np.stack(images) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    return np.round(np.stack(images) * 255).astype(np.uint8)
+
+
+def make_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """`make_crops` normalised as the model sees them (float32 NHWC)."""
+    return normalize(make_crops(batch, size, seed))
 
 
 def _nhwc(tensor) -> np.ndarray:
@@ -72,15 +79,20 @@ def compare_outputs(got: dict, expected: dict) -> dict:
 def reference_model(model_config, seed: int = 0, batch: int = 2):
     """A perturbed reference whose scores on `make_images` spread over 20..80.
 
-    Returns (model, images NHWC, calibration info).
+    Returns (model, normalised float32 images NHWC, calibration info); the images
+    are `normalize(make_crops(max(batch, 2), img_size, seed))[:batch]`.
     """
     torch.manual_seed(seed)
     model = HyperIQAReference(model_config)
     perturb(model, seed)
-    size = int(model_config.get("img_size", 224))
-    images = make_images(max(batch, 2), size, seed)
+    images = make_images(max(batch, 2), int(model_config.img_size), seed)
     info = calibrate_scores(model, torch.from_numpy(images).permute(0, 3, 1, 2))
     return model, images[:batch], info
+
+
+def _nchw(crops) -> torch.Tensor:
+    """uint8 NHWC crops -> the reference's normalised float32 NCHW input."""
+    return torch.from_numpy(normalize(crops)).permute(0, 3, 1, 2)
 
 
 def load_into_reference(model: HyperIQAReference, state_dict, fmt: str = "auto") -> None:
@@ -140,7 +152,7 @@ def _flat_torch_params(reference) -> dict:
 RELU_NEAR_ZERO = 2e-5
 
 
-def relu_inputs_near_zero(reference, images) -> int:
+def relu_inputs_near_zero(reference, crops) -> int:
     """How many ReLU inputs of a forward pass lie within RELU_NEAR_ZERO of 0.
 
     Float32 rounding (about 1e-6 to 1e-5 here) can put such an input on the other side
@@ -164,27 +176,30 @@ def relu_inputs_near_zero(reference, images) -> int:
                 if isinstance(m, torch.nn.ReLU)]
     try:
         with torch.no_grad():
-            reference(torch.from_numpy(images).permute(0, 3, 1, 2))
+            reference(_nchw(crops))
     finally:
         for handle in handles:
             handle.remove()
     return count[0]
 
 
-def train_step_parity(config, *, batch: int = 2, seed: int = 0, kink_free_tries: int = 3) -> dict:
-    """One optimiser step in both frameworks from the same weights and batch.
+def train_step_parity(config, *, batch: int = 2, seed: int = 0, steps: int = 3,
+                      kink_free_tries: int = 3) -> dict:
+    """`steps` optimiser steps in both frameworks from the same weights and batches.
 
-    `config` is a full config (model + train). Dropout, drop path and the scale
-    attention's dropout are switched off. Returns max differences of loss,
-    gradients (relative to the largest gradient of each tensor), updated
-    parameters (max relative, max in units of the group's lr, and the fraction of
-    elements not within 1e-5 relative), update steps (in units of the lr, where
-    the gradient's sign is well defined), plus `relu_near_zero`
-    (see `relu_inputs_near_zero`). For Swin models (whose only ReLUs are in the
-    head) up to `kink_free_tries` seeds are tried to find weights with no ReLU
-    input near 0; a ResNet always has some.
+    `config` is a full config (model + train); the loss is L1 (the seed's), dropout,
+    drop path and the scale attention's dropout are off, and each step's learning
+    rates follow the config's schedule in both. Returns the largest differences
+    over all steps of the loss and of the gradients (`grad_rel`: relative to each
+    tensor's largest gradient), then of the parameters after the last step
+    (`param_rel`, `param_diff_in_lr` in units of the group's lr, and the fraction
+    of elements not within 1e-5 relative), the BatchNorm statistics (ResNet), and
+    `relu_near_zero` (see `relu_inputs_near_zero`). For Swin models (whose only
+    ReLUs are in the head) up to `kink_free_tries` seeds are tried to find weights
+    with no ReLU input near 0; a ResNet always has some.
     """
-    from hyperiqa_jax.optim import make_optimizer
+    from hyperiqa_jax import state, train
+    from hyperiqa_jax.optim import lr_schedules, make_optimizer
 
     jax.config.update("jax_default_matmul_precision", "highest")
     model_config = copy.deepcopy(config.model)
@@ -192,14 +207,17 @@ def train_step_parity(config, *, batch: int = 2, seed: int = 0, kink_free_tries:
     model_config.dropout = 0.0
     model_config.drop_path_rate = 0.0
     model_config.attention_dropout = 0.0
-    train = config.train
-    lr, ratio, wd = float(train.lr), float(train.lr_ratio), float(train.weight_decay)
+    train_config = copy.deepcopy(config.train)
+    train_config.loss, train_config.ranking_loss_weight = "l1", 0.0
+    lr, ratio, wd = float(train_config.lr), float(train_config.lr_ratio), float(
+        train_config.weight_decay)
 
     tries = 1 if is_resnet(model_config) else max(kink_free_tries, 1)
     for seed_used in range(seed, seed + tries):
-        reference, images, info = reference_model(model_config, seed_used, batch)
+        reference, _, info = reference_model(model_config, seed_used, batch)
+        crops = make_crops(max(batch, 2), int(model_config.img_size), seed_used)[:batch]
         reference.train()
-        near_zero = relu_inputs_near_zero(reference, images)
+        near_zero = relu_inputs_near_zero(reference, crops)
         if near_zero == 0:
             break
     labels = np.random.RandomState(seed + 1).uniform(0, 100, batch).astype(np.float32)
@@ -211,76 +229,64 @@ def train_step_parity(config, *, batch: int = 2, seed: int = 0, kink_free_tries:
     optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr},
                                    {"params": head, "lr": lr * ratio}],
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    out = reference(torch.from_numpy(images).permute(0, 3, 1, 2))
-    loss = (out["score"] - torch.from_numpy(labels)).abs().mean()
-    optimizer.zero_grad()
-    loss.backward()
-    torch_grads = {n: p.grad.detach().clone() for n, p in reference.named_parameters()}
-    if train.get("grad_clip", 0):
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), float(train.grad_clip))
-    optimizer.step()
+    schedules = lr_schedules(train_config, steps_per_epoch=steps)
+
+    # JAX: the training code's own step and optimiser.
+    model = build_model(model_config)
+    tx = make_optimizer(train_config, steps_per_epoch=steps)
+    train_state = state.new_train_state(variables, tx, jax.random.key(seed))
+    kwargs = dict(model=model, train_config=train_config, label_stats=(0.0, 1.0))
+    grads_fn = jax.jit(functools.partial(train.loss_and_grads, **kwargs))
+    step_fn = jax.jit(functools.partial(train.train_step, tx=tx, **kwargs))
+    jax_batch = {"image": jnp.asarray(crops), "score": jnp.asarray(labels)}
+    flat = traverse_util.flatten_dict
+    before = flat(variables["params"])
+    result = {"loss": 0.0, "loss_value": 0.0, "grad_rel": 0.0, "relu_near_zero": near_zero,
+              "seed": seed_used, "steps": steps, "_calibration": info}
+    for step in range(steps):
+        for group, name in zip(optimizer.param_groups, ("backbone", "head")):
+            group["lr"] = float(schedules[name](step))
+        out = reference(_nchw(crops))
+        loss = (out["score"] - torch.from_numpy(labels)).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch_grads = conversion.convert_state_dict(
+            {**_flat_torch_params(reference),
+             **{n: p.grad.detach().clone() for n, p in reference.named_parameters()}},
+            model_config, "reference")["params"]
+        if train_config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), float(train_config.grad_clip))
+        optimizer.step()
+
+        jax_loss, jax_grads, _ = grads_fn(train_state["params"], train_state.get("batch_stats"),
+                                          jax_batch, jax.random.key(0))
+        train_state, _ = step_fn(train_state, jax_batch)
+        result["loss"] = max(result["loss"], abs(float(jax_loss) - float(loss.detach())))
+        result["loss_value"] = max(result["loss_value"], float(loss.detach()))
+        grads_t, grads_j = flat(torch_grads), flat(jax_grads)
+        for path in grads_t:
+            g_t, g_j = np.asarray(grads_t[path]), np.asarray(grads_j[path])
+            result["grad_rel"] = max(result["grad_rel"], float(
+                np.abs(g_j - g_t).max() / max(np.abs(g_t).max(), 1e-12)))
+
     torch_after = conversion.convert_state_dict(_flat_torch_params(reference), model_config,
                                                 "reference")
-    torch_grads = conversion.convert_state_dict(
-        {**_flat_torch_params(reference), **torch_grads}, model_config, "reference")["params"]
-
-    # JAX: the project's optimiser.
-    model = build_model(model_config)
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-    tx = make_optimizer(train, steps_per_epoch=1)
-
-    def loss_fn(params):
-        outputs, new_state = model.apply({"params": params, **state}, jnp.asarray(images),
-                                         train=True, mutable=list(state),
-                                         rngs={"dropout": jax.random.key(seed)})
-        return jnp.abs(outputs["score"] - labels).mean(), new_state
-
-    @jax.jit
-    def step(params):
-        (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, _ = tx.update(grads, tx.init(params), params)
-        return value, grads, optax.apply_updates(params, updates), new_state
-
-    jax_loss, jax_grads, jax_params, jax_state = step(params)
-
-    flat = lambda tree: traverse_util.flatten_dict(tree)
-    before, after_t, after_j = flat(params), flat(torch_after["params"]), flat(jax_params)
-    grads_t, grads_j = flat(torch_grads), flat(jax_grads)
-    result = {"loss": abs(float(jax_loss) - float(loss.detach())),
-              "loss_value": float(loss.detach()), "grad_rel": 0.0, "param_rel": 0.0,
-              "update_in_lr": 0.0, "ambiguous_fraction": 0.0, "relu_near_zero": near_zero,
-              "seed": seed_used, "_calibration": info}
-    ambiguous = total = outside = 0
+    after_t, after_j = flat(torch_after["params"]), flat(train_state["params"])
+    result.update(param_rel=0.0, param_diff_in_lr=0.0)
+    outside = total = 0
     for path in before:
         group_lr = lr if path[0] == "backbone" else lr * ratio
-        g_t, g_j = np.asarray(grads_t[path]), np.asarray(grads_j[path])
-        grad_error = np.abs(g_j - g_t).max()
-        result["grad_rel"] = max(result["grad_rel"],
-                                 float(grad_error / max(np.abs(g_t).max(), 1e-12)))
-        p0, p_t, p_j = (np.asarray(x, np.float64) for x in
-                        (before[path], after_t[path], after_j[path]))
-        # Relative difference beyond what a fraction of one lr step explains: AdamW's
-        # first step lr * g / (|g| + eps) is ill-conditioned where |g| ~ eps.
+        p_t, p_j = (np.asarray(x, np.float64) for x in (after_t[path], after_j[path]))
         rel = np.abs(p_j - p_t) / np.maximum(np.abs(p_t), 1e-12)
         result["param_rel"] = max(result["param_rel"], float(rel.max()))
-        result["param_diff_in_lr"] = max(result.get("param_diff_in_lr", 0.0),
+        result["param_diff_in_lr"] = max(result["param_diff_in_lr"],
                                          float(np.abs(p_j - p_t).max() / group_lr))
-        within = np.abs(p_j - p_t) <= 1e-5 * np.abs(p_t)
-        outside += int((~within).sum())
-        # AdamW's first step moves by lr * g / (|g| + eps): its sign is only defined where
-        # the gradient is well above the two frameworks' gradient difference.
-        defined = np.abs(g_t) > 10 * grad_error + 1e-7
-        ambiguous += int((~defined).sum())
-        total += defined.size
-        if defined.any():
-            step_diff = np.abs((p_j - p0) - (p_t - p0))[defined].max() / group_lr
-            result["update_in_lr"] = max(result["update_in_lr"], float(step_diff))
-    result["ambiguous_fraction"] = ambiguous / max(total, 1)
+        outside += int((np.abs(p_j - p_t) > 1e-5 * np.abs(p_t)).sum())
+        total += p_t.size
     result["outside_rel_1e-5_fraction"] = outside / max(total, 1)
-    if "batch_stats" in state:
+    if "batch_stats" in variables:
         stats_t = flat(torch_after["batch_stats"])
-        stats_j = flat(jax_state["batch_stats"])
+        stats_j = flat(train_state["batch_stats"])
         result["batch_stats_abs"] = max(
             float(np.abs(np.asarray(stats_j[p]) - np.asarray(stats_t[p])).max()) for p in stats_t)
     return result

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hyperiqa_jax.cli import ConfigError, UserError
+from hyperiqa_jax.data.sources import is_url, read_bytes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -56,6 +57,10 @@ def _open(source, name: str) -> Image.Image:
             raise ImageDecodeError(name, "empty file (0 bytes)")
         return Image.open(io.BytesIO(bytes(source)))
     path = os.fspath(source)
+    # A URL (gs://...) is read through etils.epath; open_rgb turns its FileNotFoundError
+    # into "file not found", as for a local file.
+    if is_url(path):
+        return _open(read_bytes(path), name)
     if not os.path.exists(path):
         raise ImageDecodeError(name, "file not found")
     if os.path.isdir(path):
@@ -281,41 +286,38 @@ def extract_crops(image: np.ndarray, positions: np.ndarray, crop: int,
     return out
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 ImageNet-normalised ((x / 255 - mean) / std)."""
+def normalize(images):
+    """uint8 [..., 3] -> float32 ImageNet-normalised ((x / 255 - mean) / std).
+
+    Works on numpy and JAX arrays alike: the train and scoring steps call it on
+    the device, so uint8 crops (a quarter of float32's bytes) cross to it.
+    """
     scale = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
     offset = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
-    out = images.astype(np.float32)
-    if out.ndim >= 2 and out.shape[-1] == 3:
-        # Broadcasting over a last axis of 3 is slow in numpy; work on whole rows.
-        width = out.shape[-2]
-        rows = out.reshape(-1, width * 3)
-        rows *= np.tile(scale, width)
-        rows -= np.tile(offset, width)
-    else:
-        out *= scale
-        out -= offset
-    return out
+    return images.astype(np.float32) * scale - offset
 
 
-def preprocess_for_scoring(image, data_config, *, protocol: str | None = None,
-                           num_crops: int | None = None, seed: int = 0) -> np.ndarray:
-    """Crops ready for the model from one image (QualityModel, the predict CLI).
+def num_eval_crops(data_config, protocol: str | None = None, num_crops: int | None = None) -> int:
+    """Crops per image at evaluation: 1 for 'center', else `num_crops` or data.test_crops."""
+    if (protocol or data_config.eval_protocol) == "center":
+        return 1
+    return int(num_crops or data_config.test_crops)
 
-    image: a path, encoded bytes or a uint8 [H, W, 3] array. Resized per
-    `data_config.resize`, then `num_crops` (default data_config.test_crops) crops
-    by `protocol` (default data_config.eval_protocol). 'grid' and 'center' give
-    the crops `make_eval_batches` gives; 'random' seeds its generator with `seed`
-    alone (evaluation uses (seed, image index)), so its crops differ from
-    evaluation's. The image is always decoded in full: `data.decode_draft` is
-    not applied. Returns float32 [N, crop, crop, 3]. The model's image score is
-    the mean of its crop scores.
+
+def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: str | None = None,
+               num_crops: int | None = None, name: str | None = None) -> np.ndarray:
+    """The evaluation crops of one image: uint8 [N, crop, crop, 3].
+
+    The one definition used by training-time evaluation, `evaluate` and
+    `predict`. image: a path, encoded bytes or a uint8 [H, W(, 3)] array,
+    resized per data.resize (JPEGs honour data.decode_draft); then
+    `num_eval_crops` crops by `protocol` (default data.eval_protocol).
+    'random' crops are seeded by (seed, index), `index` being the image's
+    position in its data set or list, so they do not depend on batching.
     """
     crop = int(data_config.crop_size)
     protocol = protocol or data_config.eval_protocol
-    num = int(num_crops or data_config.test_crops)
-    if protocol == "center":
-        num = 1 if num_crops is None else num
+    num = num_eval_crops(data_config, protocol, num_crops)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
@@ -323,9 +325,10 @@ def preprocess_for_scoring(image, data_config, *, protocol: str | None = None,
         h, w = target_size(pil.size[0], pil.size[1], data_config.resize, crop)
         if (h, w) != (pil.size[1], pil.size[0]):
             pil = pil.resize((w, h), Image.BILINEAR)
-        arr = np.asarray(pil)
+        pixels = np.asarray(pil)
     else:
-        arr = load_resized(image, data_config.resize, crop)
-    rng = np.random.default_rng(seed)
-    pos = crop_positions(arr.shape[0], arr.shape[1], crop, num, protocol, rng)
-    return normalize(extract_crops(arr, pos, crop))
+        pixels = load_resized(image, data_config.resize, crop, name=name,
+                              draft=bool(data_config.decode_draft))
+    rng = np.random.default_rng([seed, index])
+    positions = crop_positions(pixels.shape[0], pixels.shape[1], crop, num, protocol, rng)
+    return extract_crops(pixels, positions, crop)

@@ -7,8 +7,12 @@ Training, per process:
       -> batch(mix_images, list)                      groups of images
       -> random_map(decode+resize each image ONCE,     worker threads
                     N random crops + flips, shuffle the group's crops together)
-      -> to_iter_dataset(threads) -> rebatch(batch)    fixed-size batches
-      -> map(ImageNet normalise)
+      -> to_iter_dataset(threads)
+      [-> mp_prefetch(worker processes)]              data.worker_processes
+      -> rebatch(batch)                               fixed-size uint8 batches
+
+Crops stay uint8 (a quarter of float32's bytes to copy to the device); the
+train and scoring steps normalise them on the device (`image.normalize`).
 
 Randomness comes from grain's per-element seeds, so the stream depends only on
 the seed (not on thread timing) and the iterator's get_state/set_state (grain
@@ -18,21 +22,23 @@ checkpointing, `grain.checkpoint.CheckpointSave`) restores it exactly.
 from __future__ import annotations
 
 import logging
-import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.data.image import (
     ImageDecodeError,
     crop_positions,
+    eval_crops,
     extract_crops,
     load_resized,
-    normalize,
+    num_eval_crops,
 )
 from hyperiqa_jax.data.records import Record
 
@@ -124,21 +130,13 @@ class BadImageTracker:
 # --------------------------------------------------------------------------- config
 
 
-def _cfg(data_config, key: str, default):
-    try:
-        value = data_config[key] if isinstance(data_config, dict) else getattr(data_config, key)
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None and default is not None else value
-
-
 def steps_per_epoch(num_records: int, data_config, batch_size: int) -> int:
     """Training steps in one epoch: num_records * train_crops // batch_size.
 
     Use global counts (all records, the global batch); per process the result is the
     same since each process has ~1/process_count of both.
     """
-    crops = int(_cfg(data_config, "train_crops", 20))
+    crops = int(data_config.train_crops)
     return max(1, (int(num_records) * crops) // int(batch_size))
 
 
@@ -149,12 +147,12 @@ class _TrainGroup:
     """Decode a group of images once, take N crops each, shuffle all crops together."""
 
     def __init__(self, data_config, tracker: BadImageTracker):
-        self.resize = _cfg(data_config, "resize", None)
+        self.resize = data_config.resize
         self.crop = int(data_config.crop_size)
-        self.crops = int(_cfg(data_config, "train_crops", 20))
-        self.flip = bool(_cfg(data_config, "random_flip", True))
-        self.crop_step = int(_cfg(data_config, "crop_step", 1))
-        self.draft = bool(_cfg(data_config, "decode_draft", False))
+        self.crops = int(data_config.train_crops)
+        self.flip = bool(data_config.random_flip)
+        self.crop_step = int(data_config.crop_step)
+        self.draft = bool(data_config.decode_draft)
         self.tracker = tracker
 
     def __call__(self, items, rng: np.random.Generator):
@@ -177,22 +175,32 @@ class _TrainGroup:
         return {"image": crops[order], "score": np.concatenate(scores)[order]}
 
 
-def _normalize_batch(batch):
-    return {"image": normalize(batch["image"]), "score": batch["score"]}
+def default_worker_processes() -> int:
+    """data.worker_processes=-1: decoding processes that fit this host.
+
+    On the CPU backend the model's own step needs the cores, so decoding stays
+    in threads (0). With a GPU or TPU, the host's cores go to decoding: one
+    process per core left after one per local device, at most 16.
+    """
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return 0
+    return max(0, min(16, (os.cpu_count() or 1) - jax.local_device_count()))
 
 
 def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Infinite training stream of {'image': float32 [b, crop, crop, 3], 'score': float32 [b]}.
+    """Infinite training stream of {'image': uint8 [b, crop, crop, 3], 'score': float32 [b]}.
 
     records: list of Records (or a source such as `TfdsSource`): ALL the images;
     each process reads its own shard records[process_index::process_count].
     batch_size: rows per batch yielded by THIS process (the per-process batch, i.e.
     global batch // process_count), b below.
-    data_config: crop_size, resize, train_crops, max_bad_fraction, num_workers and
-    optionally mix_images (images whose crops are shuffled together, default 16),
-    random_flip (default True), prefetch (groups buffered per thread, default 2),
-    decode_draft (JPEG DCT-scaled decoding for big photos such as SPAQ, default False).
+    data_config: a configs/common.py data section (crop_size, resize, train_crops,
+    mix_images, random_flip, crop_step, decode_draft, max_bad_fraction,
+    num_workers: decoding threads, worker_processes: decoding processes, -1 =
+    `default_worker_processes()`, prefetch: groups buffered per thread).
     """
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -206,22 +214,30 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
     if len(source) == 0:
         raise ValueError(f"no training images for process {process_index} of {process_count} "
                          f"({total} images in all)")
-    tracker = BadImageTracker(len(source), float(_cfg(data_config, "max_bad_fraction", 0.0)))
-    mix = int(_cfg(data_config, "mix_images", 16))
-    mix = max(1, min(mix, len(source)))
-    workers = int(_cfg(data_config, "num_workers", 2))
-    prefetch = int(_cfg(data_config, "prefetch", 2))
+    tracker = BadImageTracker(len(source), float(data_config.max_bad_fraction))
+    mix = max(1, min(int(data_config.mix_images), len(source)))
+    threads = max(1, int(data_config.num_workers))
+    prefetch = max(1, int(data_config.prefetch))
+    processes = int(data_config.worker_processes)
+    if processes < 0:
+        processes = default_worker_processes()
 
     ds = grain.MapDataset.source(source).seed(seed + 7919 * process_index)
     ds = ds.shuffle().repeat(None)
     ds = ds.batch(mix, batch_fn=list)
     ds = ds.random_map(_TrainGroup(data_config, tracker))
-    read = grain.ReadOptions(num_threads=max(1, workers),
-                             prefetch_buffer_size=max(1, workers) * max(1, prefetch))
-    it = ds.to_iter_dataset(read)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=threads * prefetch))
+    if processes:
+        # grain's workers read its absl flags; outside an absl program nothing parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # Each process decodes every `processes`-th group; the order, and with it the
+        # checkpointed position, is the same as with threads alone.
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
+                                                         per_worker_buffer_size=prefetch))
     it = grain.experimental.RebatchIterDataset(it, local_batch, drop_remainder=True)
-    it = it.map(_normalize_batch)
-    it.bad_images = tracker  # for logging: it.bad_images.bad / .failures
+    it.bad_images = tracker  # for logging (with worker processes, each counts its own)
     return it
 
 
@@ -229,98 +245,82 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
 
 
 class _EvalImage:
-    def __init__(self, source, data_config, seed: int, protocol: str, tracker):
-        self.source = source
-        self.resize = _cfg(data_config, "resize", None)
-        self.crop = int(data_config.crop_size)
-        self.num = 1 if protocol == "center" else int(_cfg(data_config, "test_crops", 20))
-        self.protocol = protocol
-        self.draft = bool(_cfg(data_config, "decode_draft", False))
-        self.seed = seed
-        self.tracker = tracker
+    """Image slot k of this process -> (data set index, uint8 crops or None, error or None)."""
 
-    def __call__(self, index: int):
+    def __init__(self, source, data_config, *, seed, protocol, num_crops, process_index,
+                 process_count):
+        self.source = source
+        self.config = data_config
+        self.seed, self.protocol, self.num_crops = seed, protocol, num_crops
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, slot: int):
+        index = slot * self.process_count + self.process_index
+        if index >= len(self.source):
+            return -1, None, None  # padding: every process yields as many batches
         data, _, name = self.source[index]
         try:
-            img = load_resized(data, self.resize, self.crop, name=name, draft=self.draft)
+            return index, eval_crops(data, self.config, index=index, seed=self.seed,
+                                     protocol=self.protocol, num_crops=self.num_crops,
+                                     name=name), None
         except ImageDecodeError as e:
-            self.tracker.report(e)
-            return index, None
-        rng = np.random.default_rng([self.seed, index])
-        pos = crop_positions(img.shape[0], img.shape[1], self.crop, self.num, self.protocol, rng)
-        return index, extract_crops(img, pos, self.crop)
+            return index, None, e
 
 
 def make_eval_batches(records, data_config, *, batch_size: int, seed: int = 0,
-                      protocol: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Evaluation batches over all crops of all images, in record order.
+                      protocol: str | None = None, num_crops: int | None = None,
+                      process_index: int = 0, process_count: int = 1,
+                      max_bad_fraction: float | None = None,
+                      on_error=None) -> Iterator[dict[str, np.ndarray]]:
+    """This process's evaluation batches: every crop of its share of the images.
 
-    Yields {'image': float32 [B, crop, crop, 3], 'image_index': int32 [B] (into
-    records), 'valid': bool [B]}; the last batch is padded (valid False) so every
-    batch has exactly batch_size rows. protocol: 'random' (data.test_crops crops per
-    image, seeded by (seed, image index), so independent of batch size and
-    threads), 'center' (one centre crop) or 'grid' (test_crops on a uniform grid);
-    default data_config.eval_protocol. Images that fail to decode are logged and
-    skipped (they get no rows; `average_by_image` gives NaN for them), aborting
-    beyond data.max_bad_fraction.
+    Yields {'image': uint8 [B, crop, crop, 3], 'image_index': int32 [B] (into
+    records; -1 on padding rows), 'valid': bool [B]}, B = batch_size (this
+    process's rows). Process p takes images p, p + process_count, ...; each
+    image fills `num_eval_crops` consecutive rows made by `image.eval_crops`
+    (the one definition of evaluation crops), so every process yields the same
+    number of batches and collective steps line up. An image that fails to
+    decode keeps its rows, marked invalid (`on_error(index, reason)` is called
+    for it); beyond max_bad_fraction (default data.max_bad_fraction) of all
+    images, TooManyBadImagesError.
     """
-    protocol = protocol or _cfg(data_config, "eval_protocol", "random")
+    protocol = protocol or data_config.eval_protocol
     if protocol not in ("random", "center", "grid"):
         raise ConfigError(f"unknown eval protocol {protocol!r}; use random, center or grid")
     source = as_source(records)
     crop = int(data_config.crop_size)
-    tracker = BadImageTracker(len(source), float(_cfg(data_config, "max_bad_fraction", 0.0)))
-    fn = _EvalImage(source, data_config, seed, protocol, tracker)
-    workers = max(1, int(_cfg(data_config, "num_workers", 2)))
+    num = num_eval_crops(data_config, protocol, num_crops)
+    limit = data_config.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
+    tracker = BadImageTracker(len(source), float(limit))
+    slots = -(-len(source) // process_count)
+    load = _EvalImage(source, data_config, seed=seed, protocol=protocol, num_crops=num,
+                      process_index=process_index, process_count=process_count)
+    threads = max(1, int(data_config.num_workers))
 
-    def _gen():
-        if len(source) == 0:
+    def batches():
+        if slots == 0:
             return
-        ds = grain.MapDataset.range(len(source)).map(fn).to_iter_dataset(
-            grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers))
-        buf_img = np.zeros((batch_size, crop, crop, 3), np.uint8)
-        buf_idx = np.zeros((batch_size,), np.int32)
+        images = grain.MapDataset.range(slots).map(load).to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+        image = np.zeros((batch_size, crop, crop, 3), np.uint8)
+        index = np.full((batch_size,), -1, np.int32)
+        valid = np.zeros((batch_size,), bool)
         fill = 0
-        for index, crops in ds:
-            if crops is None:
-                continue
-            start = 0
-            while start < len(crops):
-                take = min(batch_size - fill, len(crops) - start)
-                buf_img[fill:fill + take] = crops[start:start + take]
-                buf_idx[fill:fill + take] = index
-                fill += take
-                start += take
+        for i, crops, error in images:
+            if error is not None:
+                tracker.report(error)
+                if on_error is not None:
+                    on_error(i, error.reason)
+            for row in range(num):
+                image[fill] = crops[row] if crops is not None else 0
+                index[fill], valid[fill] = i, crops is not None
+                fill += 1
                 if fill == batch_size:
-                    yield {"image": normalize(buf_img), "image_index": buf_idx.copy(),
-                           "valid": np.ones((batch_size,), bool)}
+                    yield {"image": image.copy(), "image_index": index.copy(),
+                           "valid": valid.copy()}
                     fill = 0
         if fill:
-            buf_img[fill:] = 0
-            buf_idx[fill:] = 0
-            valid = np.arange(batch_size) < fill
-            yield {"image": normalize(buf_img), "image_index": buf_idx.copy(), "valid": valid}
+            image[fill:], index[fill:], valid[fill:] = 0, -1, False
+            yield {"image": image, "image_index": index, "valid": valid}
 
-    return _gen()
-
-
-def num_eval_crops(data_config, protocol: str | None = None) -> int:
-    """Crops per image that make_eval_batches produces."""
-    protocol = protocol or _cfg(data_config, "eval_protocol", "random")
-    return 1 if protocol == "center" else int(_cfg(data_config, "test_crops", 20))
-
-
-def average_by_image(pred_per_crop, image_index, valid, num_images: int) -> np.ndarray:
-    """Per-image mean of crop predictions: float64 [num_images]; NaN for images with no crop."""
-    pred = np.asarray(pred_per_crop, np.float64).reshape(-1)
-    idx = np.asarray(image_index, np.int64).reshape(-1)
-    ok = np.asarray(valid, bool).reshape(-1)
-    if not (len(pred) == len(idx) == len(ok)):
-        raise ValueError(f"lengths differ: {len(pred)} predictions, {len(idx)} indices, "
-                         f"{len(ok)} valid flags")
-    sums = np.bincount(idx[ok], weights=pred[ok], minlength=num_images)
-    counts = np.bincount(idx[ok], minlength=num_images)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = sums / counts
-    out[counts == 0] = math.nan
-    return out
+    return batches()

@@ -19,7 +19,7 @@ ACCELERATOR_DTYPE = "bfloat16"  # model.dtype="auto" on a GPU or TPU; float32 on
 
 def compute_dtype(model_config) -> jnp.dtype:
     """`model_config.dtype`, with "auto" resolved for JAX's default backend."""
-    name = model_config.get("dtype", "auto")
+    name = model_config.dtype
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
     if name == "auto":
@@ -31,25 +31,20 @@ def build_backbone(model_config):
     """The backbone module named by `model_config.backbone` (a timm Swin name or 'resnet50')."""
     dtype = compute_dtype(model_config)
     if model_config.backbone in RESNET_BACKBONES:
-        return ResNet50(dtype=dtype, remat=model_config.get("remat", "none"))
-    overrides = dict(model_config.get("backbone_overrides", None) or {})
-    overrides.setdefault("img_size", model_config.get("img_size", 224))
-    overrides.setdefault("drop_path_rate", model_config.get("drop_path_rate", 0.0))
-    overrides.setdefault("kernels", model_config.get("kernels", "auto"))
-    overrides.setdefault("remat", model_config.get("remat", "none"))
+        return ResNet50(dtype=dtype, remat=model_config.remat)
+    overrides = dict(model_config.backbone_overrides or {})
+    overrides.setdefault("img_size", model_config.img_size)
+    overrides.setdefault("drop_path_rate", model_config.drop_path_rate)
+    overrides.setdefault("kernels", model_config.kernels)
+    overrides.setdefault("remat", model_config.remat)
     overrides["dtype"] = dtype
     return swin_from_name(model_config.backbone, **overrides)
 
 
 def build_model(model_config) -> HyperIQA:
-    """HyperIQA for a `configs/common.py` model_config.
-
-    Optional fields read with defaults: `attention_dropout` (scale attention's
-    dropout, 0.5 as released), `hyper_feature_widths` and `small_target_init`
-    (see `HyperNetwork`).
-    """
+    """HyperIQA for a `configs/common.py` model_config (every field is read)."""
     kind = "resnet" if model_config.backbone in RESNET_BACKBONES else "swin"
-    widths = model_config.get("hyper_feature_widths", None) or HYPER_FEATURE_WIDTHS[kind]
+    widths = model_config.hyper_feature_widths or HYPER_FEATURE_WIDTHS[kind]
     return HyperIQA(
         backbone=build_backbone(model_config),
         multi_scale=bool(model_config.multi_scale),
@@ -60,8 +55,8 @@ def build_model(model_config) -> HyperIQA:
         target_fc_sizes=tuple(model_config.target_fc_sizes),
         feature_size=int(model_config.feature_size),
         dropout=float(model_config.dropout),
-        attention_dropout=float(model_config.get("attention_dropout", 0.5)),
-        small_target_init=bool(model_config.get("small_target_init", False)),
+        attention_dropout=float(model_config.attention_dropout),
+        small_target_init=bool(model_config.small_target_init),
         dtype=compute_dtype(model_config),
     )
 

@@ -2,10 +2,11 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+
+from configs import common
 
 
 def make_image(path, height=48, width=64, seed=0, fmt=None, **save_kwargs):
@@ -19,12 +20,9 @@ def make_image(path, height=48, width=64, seed=0, fmt=None, **save_kwargs):
 
 
 def data_config(**overrides):
-    c = ml_collections.ConfigDict()
+    """configs/common.py's data section, shrunk to the tests' small images."""
+    c = common.seed_config().data
     c.name = "manifest"
-    c.root = ""
-    c.label = ""
-    c.train_split = "train"
-    c.test_split = "test"
     c.resize = (40, 48)
     c.crop_size = 32
     c.train_crops = 4
@@ -32,6 +30,7 @@ def data_config(**overrides):
     c.eval_protocol = "random"
     c.max_bad_fraction = 0.0
     c.num_workers = 2
+    c.worker_processes = 0
     c.mix_images = 4
     for k, v in overrides.items():
         c[k] = v

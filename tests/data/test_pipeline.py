@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from hyperiqa_jax.data import pipeline
+from hyperiqa_jax.data.image import eval_crops, num_eval_crops
 from hyperiqa_jax.data.pipeline import (
     TooManyBadImagesError,
-    average_by_image,
     make_eval_batches,
     make_train_dataset,
-    num_eval_crops,
     steps_per_epoch,
 )
 from hyperiqa_jax.data.records import load_records
@@ -28,9 +27,8 @@ def test_train_batches_shapes(manifest_dir):
     it = iter(make_train_dataset(recs, data_config(), batch_size=6, seed=0))
     batches = _take(it, 12)  # 8 images x 4 crops = 32 crops per epoch: crosses epochs
     for b in batches:
-        assert b["image"].shape == (6, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (6, 32, 32, 3) and b["image"].dtype == np.uint8
         assert b["score"].shape == (6,) and b["score"].dtype == np.float32
-    assert -2.2 < batches[0]["image"].min() and batches[0]["image"].max() < 2.7
     assert set(np.concatenate([b["score"] for b in batches])) <= {i * 10.0 for i in range(8)}
     assert steps_per_epoch(len(recs), data_config(), 6) == 5
 
@@ -155,34 +153,70 @@ def test_eval_batches(manifest_dir, protocol, per_image):
     total = len(recs) * per_image
     assert len(batches) == -(-total // 5) and num_eval_crops(cfg) == per_image
     for b in batches:
-        assert b["image"].shape == (5, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (5, 32, 32, 3) and b["image"].dtype == np.uint8
         assert b["image_index"].dtype == np.int32 and b["valid"].dtype == bool
-    valid = np.concatenate([b["valid"] for b in batches])
-    idx = np.concatenate([b["image_index"] for b in batches])[valid]
-    assert valid.sum() == total
-    np.testing.assert_array_equal(np.bincount(idx), [per_image] * len(recs))
-    again = list(make_eval_batches(recs, cfg, batch_size=5))
-    np.testing.assert_array_equal(batches[0]["image"], again[0]["image"])
-    if protocol == "random":  # crops depend on (seed, image), not on the batch size
-        other = list(make_eval_batches(recs, cfg, batch_size=7))
-        np.testing.assert_array_equal(batches[0]["image"][:3], other[0]["image"][:3])
-
-
-def test_eval_skips_bad_image_and_average(tmp_path):
-    root = write_manifest(tmp_path / "m", n=5, bad=(1,))
-    recs = load_records("manifest", root, "all")
-    batches = list(make_eval_batches(recs, data_config(max_bad_fraction=0.5), batch_size=4))
+    image = np.concatenate([b["image"] for b in batches])
     idx = np.concatenate([b["image_index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
-    pred = idx.astype(np.float64) * 2 + 1  # a fake model: score = 2 * index + 1
-    pred[~valid] = 1e9  # padding must not count
-    avg = average_by_image(pred, idx, valid, len(recs))
-    assert np.isnan(avg[1])
-    np.testing.assert_allclose(avg[[0, 2, 3, 4]], [1, 5, 7, 9])
+    assert valid.sum() == total and (idx[~valid] == -1).all()
+    # Image i fills rows [i * n, (i + 1) * n) with exactly `eval_crops` of it.
+    np.testing.assert_array_equal(idx[:total], np.repeat(np.arange(len(recs)), per_image))
+    for i in (0, len(recs) - 1):
+        np.testing.assert_array_equal(image[i * per_image:(i + 1) * per_image],
+                                      eval_crops(recs[i].path, cfg, index=i))
+    if protocol == "random":  # crops depend on (seed, image), not on the batch size
+        other = np.concatenate([b["image"] for b in make_eval_batches(recs, cfg, batch_size=7)])
+        np.testing.assert_array_equal(image[:total], other[:total])
+        assert not np.array_equal(image[:per_image], image[per_image:2 * per_image])
+
+
+def test_eval_batches_sharded_over_processes(manifest_dir):
+    """Each process gets images p, p + P, ... and the same number of batches."""
+    recs = load_records("manifest", manifest_dir, "all")[:7]
+    cfg = data_config(eval_protocol="grid")
+    single = np.concatenate([b["image"] for b in make_eval_batches(recs, cfg, batch_size=4)])
+    shards = [list(make_eval_batches(recs, cfg, batch_size=4, process_index=p, process_count=3))
+              for p in range(3)]
+    assert len({len(s) for s in shards}) == 1  # 3 images of 3 crops = 9 rows -> 3 batches
+    for p, shard in enumerate(shards):
+        idx = np.concatenate([b["image_index"] for b in shard])
+        valid = np.concatenate([b["valid"] for b in shard])
+        image = np.concatenate([b["image"] for b in shard])
+        mine = list(range(p, 7, 3))
+        np.testing.assert_array_equal(idx[valid], np.repeat(mine, 3))
+        for i in mine:
+            rows = image[valid][idx[valid] == i]
+            np.testing.assert_array_equal(rows, single[3 * i:3 * i + 3])
+
+
+def test_eval_keeps_rows_of_a_bad_image_invalid(tmp_path):
+    root = write_manifest(tmp_path / "m", n=5, bad=(1,))
+    recs = load_records("manifest", root, "all")
+    errors = {}
+    batches = list(make_eval_batches(recs, data_config(max_bad_fraction=0.5), batch_size=4,
+                                     on_error=errors.__setitem__))
+    idx = np.concatenate([b["image_index"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(idx[:15], np.repeat(np.arange(5), 3))
+    assert not valid[3:6].any() and valid[:3].all() and valid[6:15].all()
+    assert list(errors) == [1] and errors[1]  # the decoder's reason
     with pytest.raises(TooManyBadImagesError):
         list(make_eval_batches(recs, data_config(max_bad_fraction=0.1), batch_size=4))
 
 
-def test_average_by_image_length_check():
-    with pytest.raises(ValueError, match="lengths differ"):
-        average_by_image([1.0, 2.0], [0], [True, True], 1)
+def test_worker_processes_give_the_threads_stream_and_resume(manifest_dir):
+    """Decoding in 2 grain worker processes: the same batches as threads, and exact resume."""
+    recs = load_records("manifest", manifest_dir, "all")
+    threads = _take(iter(make_train_dataset(recs, data_config(), batch_size=4, seed=3)), 6)
+    cfg = data_config(worker_processes=2)
+    it = iter(make_train_dataset(recs, cfg, batch_size=4, seed=3))
+    first = _take(it, 3)
+    state = it.get_state()
+    rest = _take(it, 3)
+    for x, y in zip(threads, first + rest):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["score"], y["score"])
+    resumed = iter(make_train_dataset(recs, cfg, batch_size=4, seed=3))
+    resumed.set_state(state)
+    for x, y in zip(rest, _take(resumed, 3)):
+        np.testing.assert_array_equal(x["image"], y["image"])
