@@ -208,14 +208,18 @@ def test_normalize():
     np.testing.assert_allclose(y[0, 0], (1 - im.IMAGENET_MEAN) / im.IMAGENET_STD, rtol=1e-6)
 
 
-def test_preprocess_for_scoring(tmp_path):
+def test_eval_crops_of_a_path_and_of_its_pixels(tmp_path):
     p = make_image(tmp_path / "a.jpg", 60, 80)
     cfg = data_config(resize=None, crop_size=32, test_crops=6, eval_protocol="grid")
-    a = im.preprocess_for_scoring(p, cfg)
-    assert a.shape == (6, 32, 32, 3) and a.dtype == np.float32
-    b = im.preprocess_for_scoring(load_image(p), cfg)
+    a = im.eval_crops(p, cfg)
+    assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
+    b = im.eval_crops(load_image(p), cfg)
     np.testing.assert_array_equal(a, b)
-    assert im.preprocess_for_scoring(p, cfg, protocol="center").shape == (1, 32, 32, 3)
+    # The grid's first crop is the top-left corner, its last the bottom-right one.
+    pixels = load_image(p)
+    np.testing.assert_array_equal(a[0], pixels[:32, :32])
+    np.testing.assert_array_equal(a[-1], pixels[-32:, -32:])
+    assert im.eval_crops(p, cfg, protocol="center").shape == (1, 32, 32, 3)
 
 
 def test_draft_decoding_for_big_jpegs(tmp_path):
