@@ -27,7 +27,7 @@ done < benchmarks/gpu_wheels.txt
 rm -rf "$DEST"
 mv "$new" "$DEST"
 
-"$PYTHON" -m benchmarks.gpu_check --check-wheels "$DEST"
+"$PYTHON" -m benchmarks.gpu_check --check_wheels "$DEST"
 
 # The install line gpu_check.sh runs there, for CPython 3.12, into a throw-away target.
 site=$(mktemp -d)

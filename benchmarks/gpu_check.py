@@ -1,8 +1,8 @@
 """GPU check: Swin-B E6 training and scoring, JAX against the PyTorch reference, in one call.
 
     bash benchmarks/gpu_check.sh                      # on the GPU machine (installs .whl first)
-    python -m benchmarks.gpu_check --dry-run          # the whole plan on the CPU, tiny model
-    python -m benchmarks.gpu_check --check-wheels .whl   # does the wheel set resolve?
+    python -m benchmarks.gpu_check --dry_run          # the whole plan on the CPU, tiny model
+    python -m benchmarks.gpu_check --check_wheels .whl   # does the wheel set resolve?
 
 Every measurement runs in a process of its own, one after the other, in the
 order of `make_plan` (the headline pair first: JAX bf16 train step at batch 128
@@ -12,7 +12,7 @@ is not started once `--budget` seconds have passed, or when its estimated cost
 would end it past `--deadline`; a running one is killed at the deadline.
 
 Results (RESULTS_DIR, else $OUT, else benchmarks/results/<UTC time>; a temporary
-folder with --dry-run) are rewritten after every run, so a time-out keeps what
+folder with --dry_run) are rewritten after every run, so a time-out keeps what
 was measured:
 
     results.jsonl   raw records, one JSON object a line (benchmarks/results/README.md)
@@ -28,7 +28,6 @@ card's dense peak for the dtype (bf16, or TF32 for float32) and against a matmul
 the same dtype measured in the same run.
 """
 
-import argparse
 import dataclasses
 import datetime
 import fnmatch
@@ -44,9 +43,14 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+from absl import app, flags
+
+from hyperiqa_jax import cli
 
 REPO = Path(__file__).absolute().parent.parent
 DEFAULT_BASELINE_REF = "ea5da69"  # the last commit before the accelerator-first model work
@@ -878,80 +882,108 @@ def check_wheels_main(wheel_dir, list_file) -> int:
 # Command line.
 
 
-def parse_args(argv):
+def define_flags(flag_values=flags.FLAGS):
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py). Defaults come
+    from the environment variables named in their help, as gpu_check.sh documents."""
     env = os.environ.get
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true",
-                   help="the whole plan on the CPU with the micro model, batch 2, few steps")
-    p.add_argument("--out", default=env("RESULTS_DIR") or env("OUT"),
-                   help="results folder (default: $RESULTS_DIR, $OUT, else "
-                        "benchmarks/results/<UTC time>; a temporary one with --dry-run)")
-    p.add_argument("--budget", type=float, default=float(env("BUDGET_S", 270)),
-                   help="seconds after which no new run starts ($BUDGET_S)")
-    p.add_argument("--deadline", type=float, default=float(env("DEADLINE_S", 340)),
-                   help="seconds at which a running run is killed; a run whose estimated "
-                        "cost would pass it is not started ($DEADLINE_S)")
-    p.add_argument("--batches", default=env("BATCHES", "64,128,256"),
-                   help="batch sizes, comma- or space-separated ($BATCHES)")
-    p.add_argument("--headline", type=int, default=0,
-                   help="batch of the headline runs (default: 128 if listed, else the first)")
-    p.add_argument("--model", default="base", help="benchmarks.throughput model (base: Swin-B)")
-    p.add_argument("--runs", default=env("RUNS", ""),
-                   help="only the runs whose names match these comma-separated globs ($RUNS)")
-    p.add_argument("--baseline-ref", default=env("BASELINE_REF", DEFAULT_BASELINE_REF),
-                   help="git revision measured as the baseline; 'none' skips it ($BASELINE_REF)")
-    p.add_argument("--baseline-dir", default=env("BASELINE_DIR") or (
+    f = dict(flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "The whole plan on the CPU with the micro model, "
+                      "batch 2, few steps: checks the plumbing, not the speed.", **f)
+    flags.DEFINE_string("out", env("RESULTS_DIR") or env("OUT"), "Results folder (default: "
+                        "$RESULTS_DIR, $OUT, else benchmarks/results/<UTC time>; a temporary "
+                        "one with --dry_run).", **f)
+    flags.DEFINE_float("budget", float(env("BUDGET_S", 270)), "Seconds after which no new run "
+                       "starts ($BUDGET_S).", **f)
+    flags.DEFINE_float("deadline", float(env("DEADLINE_S", 340)), "Seconds at which a running "
+                       "run is killed; a run whose estimated cost would pass it is not started "
+                       "($DEADLINE_S).", **f)
+    flags.DEFINE_string("batches", env("BATCHES", "64,128,256"), "Batch sizes, comma- or "
+                        "space-separated ($BATCHES).", **f)
+    flags.DEFINE_integer("headline", 0, "Batch of the headline runs (default: 128 if listed "
+                         "in --batches, else the first).", **f)
+    flags.DEFINE_string("model", "base", "benchmarks.throughput model (base: Swin-B E6).", **f)
+    flags.DEFINE_string("runs", env("RUNS", ""), "Only the runs whose names match these "
+                        "comma-separated globs, e.g. 'jax-train-*' ($RUNS).", **f)
+    flags.DEFINE_string("baseline_ref", env("BASELINE_REF", DEFAULT_BASELINE_REF), "Git "
+                        "revision measured as the baseline; 'none' skips it ($BASELINE_REF).",
+                        **f)
+    flags.DEFINE_string("baseline_dir", env("BASELINE_DIR") or (
         str(REPO / ".baseline") if (REPO / ".baseline" / "hyperiqa_jax").is_dir() else None),
-        help="a copy of the baseline tree instead of the git ref ($BASELINE_DIR; "
-             "default .baseline/ when it exists)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per run")
-    p.add_argument("--steps-per-call", type=int, default=10, help="steps per timed call")
-    p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps after the first")
-    p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured matmul")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps in the profiler trace")
-    p.add_argument("--peak-bf16", type=float, default=None,
-                   help="bf16 peak FLOP/s (default: the card's, from benchmarks.throughput)")
-    p.add_argument("--peak-fp32", type=float, default=None,
-                   help="float32 (TF32) peak FLOP/s (default: the card's)")
-    p.add_argument("--torch-compile-backend", default="inductor")
-    p.add_argument("--cache-dir", default=env("JAX_CACHE_DIR", CACHE_DIR),
-                   help="persistent JAX compilation cache ($JAX_CACHE_DIR)")
-    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
-    p.add_argument("--check-wheels", metavar="DIR",
-                   help="check the wheel set in DIR against benchmarks/gpu_wheels.txt; no run")
-    p.add_argument("--wheel-list", default=str(REPO / "benchmarks" / "gpu_wheels.txt"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--records", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    args.argv = list(argv)
-    if args.dry_run:  # the plumbing in a minute or two, not the speed
-        given = {a.split("=")[0] for a in argv}
-        dry = {"--model": ("model", "micro"), "--batches": ("batches", "2"),
-               "--repeats": ("repeats", 2), "--steps-per-call": ("steps_per_call", 1),
-               "--warmup-steps": ("warmup_steps", 0), "--matmul-n": ("matmul_n", 256),
-               "--profile-steps": ("profile_steps", 2), "--budget": ("budget", 600),
-               "--deadline": ("deadline", 900),
-               "--torch-compile-backend": ("torch_compile_backend", "eager")}
-        for flag, (attr, value) in dry.items():
-            if flag not in given:
-                setattr(args, attr, value)
-        if "--out" not in given and not (env("RESULTS_DIR") or env("OUT")):
+        "A copy of the baseline tree to measure instead of --baseline_ref ($BASELINE_DIR; "
+        "default .baseline/ when it exists).", **f)
+    flags.DEFINE_integer("repeats", 5, "Timed calls per run.", **f)
+    flags.DEFINE_integer("steps_per_call", 10, "Steps per timed call.", **f)
+    flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after the first.", **f)
+    flags.DEFINE_integer("matmul_n", 8192, "Size of the measured square matmul.", **f)
+    flags.DEFINE_integer("profile_steps", 3, "Steps in the profiler trace.", **f)
+    flags.DEFINE_float("peak_bf16", None, "bf16 peak FLOP/s for MFU (default: the card's, "
+                       "from benchmarks.throughput).", **f)
+    flags.DEFINE_float("peak_fp32", None, "float32 (TF32) peak FLOP/s for MFU (default: the "
+                       "card's).", **f)
+    flags.DEFINE_string("torch_compile_backend", "inductor", "torch.compile backend of the "
+                        "torch-compile runs.", **f)
+    flags.DEFINE_string("cache_dir", env("JAX_CACHE_DIR", CACHE_DIR), "Persistent JAX "
+                        "compilation cache ($JAX_CACHE_DIR).", **f)
+    flags.DEFINE_bool("keep_work", False, "Keep the temporary work folder.", **f)
+    flags.DEFINE_string("check_wheels", None, "Instead of measuring: check the wheel set in "
+                        "this folder against --wheel_list.", **f)
+    flags.DEFINE_string("wheel_list", str(REPO / "benchmarks" / "gpu_wheels.txt"), "Wheel list "
+                        "for --check_wheels.", **f)
+    # The driver's own call of a worker process; listed by --helpfull only.
+    for name, text in WORKER_FLAGS.items():
+        flag = flags.Flag(flags.ArgumentParser(), flags.ArgumentSerializer(), name, None, text)
+        flags.DEFINE_flag(flag, flag_values, module_name="benchmarks.gpu_check (worker)")
+
+
+WORKER_FLAGS = {"worker": "Internal: run the measurement of this JSON spec in this process.",
+                "records": "Internal: the file the worker appends its JSON records to."}
+# What --dry_run changes, where the flag is not given: the plumbing in a minute or two.
+DRY_RUN = {"model": "micro", "batches": "2", "repeats": 2, "steps_per_call": 1,
+           "warmup_steps": 0, "matmul_n": 256, "profile_steps": 2, "budget": 600,
+           "deadline": 900, "torch_compile_backend": "eager"}
+
+
+def settings(flag_values):
+    """The run's settings (a namespace) from parsed flags: --dry_run's defaults, the batch
+    list, the headline batch, the run globs and the results folder filled in."""
+    own = flags.FlagValues()
+    define_flags(own)
+    names = list(own)  # this command's flags (a FlagValues of `run` holds absl's too)
+    args = types.SimpleNamespace(**{name: flag_values[name].value for name in names})
+    # The command as given (for the env record), without the worker's internal flags.
+    args.argv = [flag_values[name].serialize() for name in names
+                 if flag_values[name].present and name not in WORKER_FLAGS]
+    if args.dry_run:
+        for name, value in DRY_RUN.items():
+            if not flag_values[name].present:
+                setattr(args, name, value)
+        if not flag_values["out"].present and not (os.environ.get("RESULTS_DIR") or
+                                                   os.environ.get("OUT")):
             args.out = tempfile.mkdtemp(prefix="gpu_check_dry_")
     args.batches = [int(b) for b in re.split(r"[,\s]+", str(args.batches).strip()) if b]
+    if not args.batches:
+        raise cli.ConfigError("--batches lists no batch size")
     args.headline = args.headline or (128 if 128 in args.batches else args.batches[0])
     args.runs = [r for r in args.runs.split(",") if r]
     if not args.out:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d_%H%M")
         args.out = str(REPO / "benchmarks" / "results" / stamp)
     if Path(args.out).absolute() == REPO:
-        p.error("the results folder must not be the repository root")
+        raise cli.ConfigError(f"--out {args.out}: the results folder must not be the "
+                              "repository root")
     return args
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+def parse_args(argv):
+    """settings() of a command line (the arguments after the program name)."""
+    flag_values, _ = cli.parse(define_flags, argv)
+    return settings(flag_values)
+
+
+def main(argv, flag_values=flags.FLAGS) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = settings(flag_values)
     if args.worker:
         return worker(json.loads(args.worker), args.records)
     if args.check_wheels:
@@ -960,4 +992,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags=define_flags)

@@ -3,7 +3,7 @@
 # against the PyTorch reference (AMP bf16 eager, channels-last, torch.compile), MFU, peak
 # memory, a profile of the bf16 train step, and the baseline commit when it is available.
 # docs/benchmarks.md ("GPU check (H200)") has the device-tool command; benchmarks/gpu_check.py
-# the details. Arguments go to it (e.g. --dry-run: the same on the CPU with a tiny model).
+# the details. Arguments go to it (e.g. --dry_run: the same on the CPU with a tiny model).
 #
 #   bash benchmarks/gpu_check.sh                    # results in $OUT, else benchmarks/results/<time>
 #   BUDGET_S=200 BATCHES="128" bash benchmarks/gpu_check.sh

@@ -6,9 +6,19 @@ that cannot be read, too many corrupt images) is raised as a `UserError`: the
 boundary prints it as `error: ...` (what is wrong and what to do) and exits
 with status 2. Anything else is a bug and keeps its traceback.
 
-    if __name__ == "__main__":      # an absl program
+    if __name__ == "__main__":      # every command is an absl program
         cli.run(main, define_flags=define_flags)
-    sys.exit(cli.guarded(main)())   # an argparse program; main returns its exit status
+
+    cli.call(main, ["--flag=value"], define_flags=define_flags)  # the same, in this process
+
+A command's `define_flags(flag_values=flags.FLAGS)` defines its flags and its
+`main(argv, flag_values=flags.FLAGS)` reads them from `flag_values`: `run`
+(the command line) uses absl's global FLAGS, `call` (tests, Python callers)
+a fresh FlagValues per call, so commands whose flags share names (--model,
+--checkpoint) can run one after another in one process. Commands with an
+ml_collections config flag (train, demo, convert_checkpoint), whose
+--config.KEY=VALUE overrides are read from sys.argv, and predict and evaluate
+define their flags in absl's FLAGS and run through `run` only.
 
 `UserError` subclasses: `ConfigError` here (also a ValueError), and the data
 package's `LabelFileError`, `DatasetNotFoundError`, `ImageDecodeError` and
@@ -43,7 +53,8 @@ class ConfigError(UserError, ValueError):
 
 
 def load_config_file(path):
-    """`get_config()` of a config file, e.g. configs/base.py (for argparse commands)."""
+    """`get_config()` of a config file, e.g. configs/base.py (a --config that is a plain path,
+    without ml_collections' --config.KEY=VALUE overrides)."""
     import importlib.util
 
     if not os.path.isfile(path):
@@ -93,7 +104,8 @@ def guarded(main, expected=()):
 
 
 def run(main, *, define_flags=None, expected=()):
-    """absl's `app.run(main)` inside the boundary, flag definition and parsing included.
+    """absl's `app.run(main)` inside the boundary, flag definition and parsing included;
+    library logs at WARNING unless -v / --verbosity is given.
 
     `main(argv)` may return an exit status (None is 0). absl's UsageError (a missing
     or unexpected argument) is a user error as well. `define_flags()`, if given, is
@@ -107,6 +119,9 @@ def run(main, *, define_flags=None, expected=()):
             define_flags()
 
     def entry(argv):
+        from hyperiqa_jax.logs import quiet_library_logs
+
+        quiet_library_logs()  # library INFO lines (JAX's backends, Orbax) only with -v
         try:
             status = guarded(main, expected)(argv)
         except app.UsageError as error:
@@ -114,6 +129,40 @@ def run(main, *, define_flags=None, expected=()):
         sys.exit(status)
 
     app.run(entry, flags_parser=parse_flags)
+
+
+def parse(define_flags, argv=()):
+    """(flag_values, remaining arguments): a fresh FlagValues holding `define_flags`'s flags,
+    parsed from `argv` (the arguments after the program name).
+
+    A flag error (unknown flag, a value of the wrong type) raises absl's flags.Error.
+    """
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    remaining = flag_values(["command", *argv])
+    return flag_values, remaining
+
+
+def call(main, argv=(), *, define_flags, expected=()):
+    """Runs the command `main` in this process as `run` would from a shell; returns its exit
+    status instead of exiting.
+
+    `argv` excludes the program name; `main(argv, flag_values)` gets a FlagValues of its
+    own (see the module docstring). Flag and usage errors are reported as `run` reports them.
+    """
+    from absl import app, flags
+
+    try:
+        flag_values, remaining = parse(define_flags, argv)
+    except flags.Error as error:
+        return report(UserError(f"{error} (see --help)"))
+    try:
+        status = guarded(main, expected)(remaining, flag_values)
+    except app.UsageError as error:
+        status = report(UserError(f"{error} (see --help)"))
+    return status or 0
 
 
 def parse_flags(argv):

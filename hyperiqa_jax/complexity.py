@@ -8,12 +8,10 @@ FLOPs come from XLA's cost analysis of the compiled eval forward pass for one
 the unit of the seed's "GFLOPs").
 """
 
-import argparse
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from hyperiqa_jax import cli
 from hyperiqa_jax.models import build_model
@@ -61,18 +59,25 @@ def format_row(name: str, model_config, result: dict) -> str:
             f"{result['flops'] / 1e9:.2f} | {result['macs'] / 1e9:.2f} | {seed_text} |")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="configs/X.py")
-    args = parser.parse_args(argv)
+def define_flags(flag_values=flags.FLAGS):
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py)."""
+    flags.DEFINE_multi_string("config", None, "A configs/*.py file; repeat for one table row "
+                              "per config.", flag_values=flag_values)
+
+
+def main(argv, flag_values=flags.FLAGS) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flag_values.config:
+        raise app.UsageError("give at least one --config, e.g. --config configs/base.py")
     print("| config | backbone | attention | multi-scale | params | GFLOPs (XLA) | GMACs "
           "| seed params / GMACs |")
     print("|---|---|---|---|---|---|---|---|")
-    for path in args.config:
+    for path in flag_values.config:
         config = cli.load_config_file(path)
         print(format_row(path, config.model, complexity(config.model)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.guarded(main)())
+    cli.run(main, define_flags=define_flags)

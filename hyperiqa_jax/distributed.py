@@ -4,10 +4,11 @@ Every process of a job runs the same command; `initialize()` must run before
 anything touches a JAX device. Where the cluster settings come from, first match
 wins:
 
-1. explicit: `--coordinator_address`/`--num_processes`/`--process_id` flags or the
-   arguments of `initialize()`, else the environment variables
-   JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
-   JAX_PROCESS_ID (launch/local_cluster.sh sets these);
+1. explicit: the arguments of `initialize()`, else the flags
+   `--coordinator_address`/`--num_processes`/`--process_id` (of a command that
+   defines them with `define_flags`, as hyperiqa_jax.train does), else the
+   environment variables JAX_COORDINATOR_ADDRESS (host:port of process 0),
+   JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/local_cluster.sh sets these);
 2. SLURM: an `srun` step with more than one task (SLURM_NTASKS, SLURM_PROCID,
    SLURM_LOCALID, SLURM_STEP_NODELIST); the coordinator is the first node;
 3. TPU: a Cloud TPU VM (libtpu installed or TPU_* variables set) ->
@@ -27,10 +28,19 @@ import sys
 import jax
 from absl import flags
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs off TPU/SLURM).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+def define_flags(flag_values=flags.FLAGS):
+    """--coordinator_address, --num_processes, --process_id: for a command that calls
+    `initialize()` (hyperiqa_jax.train), in its own define_flags. Importing this module
+    defines no flag."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
+                        "multi-process run off TPU and SLURM (else JAX_COORDINATOR_ADDRESS).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (else JAX_NUM_PROCESSES).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0-based (else "
+                         "JAX_PROCESS_ID).", lower_bound=0, flag_values=flag_values)
+
 
 # Variables whose presence means a Cloud TPU VM (set on TPU VMs and GKE TPU pods).
 TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "TPU_NAME")
@@ -124,23 +134,29 @@ def plan(coordinator_address=None, num_processes=None, process_id=None, local_de
     return Plan("single")
 
 
-def _flag(holder):
-    """A flag's value, or None when absl has not parsed the command line (library use)."""
-    return holder.value if flags.FLAGS.is_parsed() else None
+def _flag(flag_values, name):
+    """A flag's value, or None when the command did not define it (`define_flags`) or absl
+    has not parsed the command line (library use)."""
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    if name not in flag_values or not flag_values.is_parsed():
+        return None
+    return flag_values[name].value
 
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None,
-               local_device_ids=None, initialization_timeout=300):
+               local_device_ids=None, initialization_timeout=300, flag_values=None):
     """Joins this process to the job (see the module docstring); returns the topology dict.
 
+    Arguments not given come from the flags of `define_flags` when the command defined
+    them (in `flag_values`, absl's FLAGS by default), else from the environment.
     Returns early, without logging again, when jax.distributed is already running.
     A peer that never arrives makes this raise after `initialization_timeout` seconds.
     """
     if jax.distributed.is_initialized():
         return topology()
-    p = plan(coordinator_address or _flag(_COORDINATOR),
-             num_processes if num_processes is not None else _flag(_NUM_PROCESSES),
-             process_id if process_id is not None else _flag(_PROCESS_ID),
+    p = plan(coordinator_address or _flag(flag_values, "coordinator_address"),
+             num_processes if num_processes is not None else _flag(flag_values, "num_processes"),
+             process_id if process_id is not None else _flag(flag_values, "process_id"),
              local_device_ids)
     timeout = _int(os.environ.get("JAX_INITIALIZATION_TIMEOUT"), "JAX_INITIALIZATION_TIMEOUT")
     timeout = timeout or initialization_timeout

@@ -15,13 +15,12 @@ constant index, and only the lowered platform's branch, which XLA folds away;
 those are not counted.
 """
 
-import argparse
 import dataclasses
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from hyperiqa_jax import cli
 
@@ -120,26 +119,31 @@ def trace_steps(config, batch: int = 1):
             "eval": eval_fn.trace(state.inference_variables(train_state), eval_batch)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Count the conditionals, loops and host callbacks in a config's train "
-                    "step and scoring forward as lowered for each platform (no device needed).")
-    parser.add_argument("--config", required=True, help="a configs/*.py file")
-    parser.add_argument("--dtype", default="", help="override model.dtype (float32, bfloat16)")
-    parser.add_argument("--kernels", default="", help="override model.kernels "
-                                                      "(auto, cpu, generic)")
-    parser.add_argument("--platforms", default="cpu,cuda,tpu",
-                        help=f"comma-separated, from {', '.join(PLATFORMS)}")
-    parser.add_argument("--remat", default="", help="override model.remat (none, block)")
-    parser.add_argument("--memory", action="store_true",
-                        help="instead: compile the train step here and print its memory "
-                             "analysis (minutes for Swin-B)")
-    parser.add_argument("--batch", type=int, default=1, help="images per step (per device)")
-    args = parser.parse_args(argv)
-    platforms = [p for p in args.platforms.split(",") if p]
+def define_flags(flag_values=flags.FLAGS):
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py)."""
+    f = dict(flag_values=flag_values)
+    flags.DEFINE_string("config", None, "A configs/*.py file (required).", **f)
+    flags.DEFINE_string("dtype", "", "Override model.dtype (float32, bfloat16).", **f)
+    flags.DEFINE_string("kernels", "", "Override model.kernels (auto, cpu, generic).", **f)
+    flags.DEFINE_list("platforms", list(PLATFORMS), f"Platforms to lower for, comma-separated, "
+                      f"from {', '.join(PLATFORMS)}.", **f)
+    flags.DEFINE_string("remat", "", "Override model.remat (none, block).", **f)
+    flags.DEFINE_bool("memory", False, "Instead: compile the train step here and print its "
+                      "memory analysis as JSON (minutes for Swin-B).", **f)
+    flags.DEFINE_integer("batch", 1, "Images per step (per device).", lower_bound=1, **f)
+
+
+def main(argv, flag_values=flags.FLAGS) -> int:
+    args = flag_values
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not args.config:
+        raise app.UsageError("--config is required, e.g. --config=configs/base.py")
+    platforms = [p for p in args.platforms if p]
     unknown = sorted(set(platforms) - set(PLATFORMS))
     if unknown:
-        parser.error(f"unknown platform(s) {unknown}; choose from {PLATFORMS}")
+        raise app.UsageError(f"--platforms: unknown platform(s) {unknown}; choose from "
+                             f"{', '.join(PLATFORMS)}")
     config = cli.load_config_file(args.config)
     if args.dtype:
         config.model.dtype = args.dtype
@@ -162,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.guarded(main)())
+    cli.run(main, define_flags=define_flags)

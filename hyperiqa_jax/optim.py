@@ -14,8 +14,6 @@ Schedules (`train_config.schedule`):
   constant       each group at its base lr.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,11 +26,6 @@ def param_labels(params):
     """'backbone' for everything under params['backbone'], 'head' for the rest."""
     return {k: jax.tree.map(lambda _, k=k: BACKBONE if k == BACKBONE else HEAD, v)
             for k, v in params.items()}
-
-
-def cosine_annealing_lr(base_lr, eta_min, epoch, t_max):
-    """Closed form of torch CosineAnnealingLR at integer `epoch` (python floats)."""
-    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / t_max)) / 2
 
 
 def lr_schedules(train_config, steps_per_epoch):

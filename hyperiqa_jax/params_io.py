@@ -27,7 +27,7 @@ def save_params(directory: str | os.PathLike, params, meta: dict | None = None) 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    params = _to_numpy(params)
+    params = jax.tree.map(np.asarray, params)  # host copies: Orbax writes plain arrays
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
@@ -52,12 +52,6 @@ def load_params(directory: str | os.PathLike):
     meta_path = directory / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return params, meta
-
-
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree)
 
 
 DOWNLOAD_HINT = (

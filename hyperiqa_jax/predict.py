@@ -37,8 +37,9 @@ def define_flags():
     flags.DEFINE_string(
         "checkpoint", None, "Training workdir (uses its best checkpoint), best/ or a step folder.")
     flags.DEFINE_string("output", None, "CSV file to write (default: standard output).")
-    flags.DEFINE_integer("batch_size", 64, "Crops per model call, crops of several images mixed "
-                         "(rounded up to a multiple of the local device count).")
+    flags.DEFINE_integer("batch_size", 64, "Crops per forward call, split over all local "
+                         "devices (not per device); crops of several images are mixed, the last "
+                         "call is padded. Rounded up to a multiple of the local device count.")
     flags.DEFINE_enum("protocol", "grid", ["grid", "center", "random"],
                       "Crop placement: fixed grid (default), one centre crop, or "
                       "seeded random crops.")

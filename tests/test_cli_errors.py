@@ -213,6 +213,42 @@ def test_conversion_commands_missing_config(env, files):
     assert_user_error(proc, "no such config file")
 
 
+# The commands whose main takes its own flag values, called in this process (cli.call).
+IN_PROCESS_MISTAKES = {
+    "complexity without config": ("hyperiqa_jax.complexity", [], "give at least one --config"),
+    "complexity config missing": (
+        "hyperiqa_jax.complexity", ["--config=configs/nope.py"], "no such config file"),
+    "lowering without config": ("hyperiqa_jax.lowering", [], "--config is required"),
+    "lowering unknown platform": (
+        "hyperiqa_jax.lowering", ["--config=configs/tiny.py", "--platforms=cpu,gpu"],
+        "unknown platform(s) ['gpu']"),
+    "lowering zero batch": (
+        "hyperiqa_jax.lowering", ["--config=configs/tiny.py", "--batch=0"], "--batch=0"),
+    "convert_timm two sources": (
+        "weights_conversion.convert_timm", ["--model=swin_tiny_patch4_window7_224",
+                                            "--pretrained", "--checkpoint=x.pth", "--out=o"],
+        "exactly one of --checkpoint FILE and --pretrained"),
+    "validate_parity dashed flag": (
+        "weights_conversion.validate_parity", ["--model=swin_tiny_patch4_window7_224",
+                                               "--img-size=256"], "img-size"),
+    "gpu_check results in the repository": (
+        "benchmarks.gpu_check", [f"--out={REPO}"], "must not be the repository root"),
+    "unexpected argument": ("hyperiqa_jax.complexity", ["--config=configs/tiny.py", "extra"],
+                            "unexpected arguments ['extra']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS_MISTAKES))
+def test_in_process_mistakes(case, capsys):
+    import importlib
+
+    module, argv, fragment = IN_PROCESS_MISTAKES[case]
+    command = importlib.import_module(module)
+    assert cli.call(command.main, argv, define_flags=command.define_flags) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
 # ---------------------------------------------------------------------------- bugs
 
 PLANTED_BUG = """

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from absl import flags
 
 from hyperiqa_jax import distributed
 
@@ -85,6 +86,33 @@ def test_slurm_coordinator_is_first_node(nodes, host):
 def test_plan_tpu_vm():
     assert distributed.plan(env={"TPU_WORKER_HOSTNAMES": "t0,t1", "TPU_WORKER_ID": "1"}).kind \
         == "tpu"
+
+
+def test_flags_are_defined_by_the_command_and_read_by_initialize(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    flag_values = flags.FlagValues()
+    distributed.define_flags(flag_values)
+    flag_values(["train", "--num_processes=2", "--process_id=1"])
+    # The flags reach plan(): it names what is missing from them.
+    with pytest.raises(ValueError, match="missing: coordinator address"):
+        distributed.initialize(flag_values=flag_values)
+    # An argument of initialize() wins over its flag.
+    assert distributed.initialize(num_processes=1, flag_values=flag_values)["process_count"] == 1
+    # Not parsed yet (library use): the flags are not read.
+    unparsed = flags.FlagValues()
+    distributed.define_flags(unparsed)
+    unparsed["num_processes"].value = 2  # would be "missing: coordinator address" if read
+    assert distributed.initialize(flag_values=unparsed)["process_count"] == 1
+
+
+def test_importing_defines_no_flags():
+    probe = ("from absl import flags; import hyperiqa_jax.distributed; "
+             "print(sorted(n for n in ('coordinator_address', 'num_processes', 'process_id') "
+             "if n in flags.FLAGS))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_initialize_single_process_and_early_return(capsys):

@@ -1,4 +1,4 @@
-"""Converts a full PyTorch HyperIQA / SMART-IQA checkpoint into this project's variables.
+r"""Converts a full PyTorch HyperIQA / SMART-IQA checkpoint into this project's variables.
 
     python -m weights_conversion.convert_checkpoint --config configs/smart_iqa_scale.py \
         --checkpoint best_model.pth --out weights/smart_iqa_base
@@ -22,11 +22,18 @@ from hyperiqa_jax.params_io import save_params
 from weights_conversion import hyperiqa as conversion
 from weights_conversion.swin import ConversionError, load_state_dict_file
 
-config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth, .pt, .pkl, .safetensors)")
-flags.DEFINE_string("out", None, "output directory")
-flags.DEFINE_enum("format", "auto", ("auto", *conversion.FORMATS), "checkpoint format")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py) of the model the "
+                                    "checkpoint holds; --config.model.KEY=VALUE overrides.",
+                                    lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth, .pt, .pkl, .safetensors).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_enum("format", "auto", ("auto", *conversion.FORMATS),
+                      "Checkpoint format (auto: detected from its keys).")
 
 
 def convert(config, checkpoint: str, out: str, fmt: str = "auto") -> dict:
@@ -52,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, expected=(ConversionError,))
+    cli.run(main, define_flags=define_flags, expected=(ConversionError,))

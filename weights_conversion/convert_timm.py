@@ -1,4 +1,4 @@
-"""Converts timm / Microsoft Swin weights into a params directory this project loads.
+r"""Converts timm / Microsoft Swin weights into a params directory this project loads.
 
     python -m weights_conversion.convert_timm --model swin_base_patch4_window7_224 \
         --checkpoint swin_base_patch4_window7_224.pth --out weights/swin_base
@@ -7,18 +7,23 @@
 
 The output is what `configs/*.py` expect in `config.pretrained_backbone`. The
 conversion is checked before saving: timm with the same weights and the
-converted JAX model must agree on every stage within 1e-4 (skip with --no-verify).
+converted JAX model must agree on every stage within 1e-4 (skip with --no_verify).
+Exit status: 0 saved, 1 the parity check failed (nothing saved), 2 a usage error.
 """
 
-import argparse
 import sys
 
+import jax
 import numpy as np
+from absl import app, flags
 
 from hyperiqa_jax import cli
 from hyperiqa_jax.models.swin import SWIN_CONFIGS
 from hyperiqa_jax.params_io import save_params
 from weights_conversion import swin as swin_conversion
+
+# Errors this command reports as user errors (exit status 2), besides cli.UserError.
+EXPECTED = (swin_conversion.ConversionError, ConnectionError)
 
 
 def pretrained_state_dict(name: str) -> dict:
@@ -46,25 +51,32 @@ def pretrained_state_dict(name: str) -> dict:
     return model.state_dict()
 
 
-def main(argv=None) -> int:
-    """The command; exit status 0 saved, 1 parity with timm failed, 2 a usage error."""
-    return cli.guarded(_main, expected=(swin_conversion.ConversionError, ConnectionError))(argv)
+def define_flags(flag_values=flags.FLAGS):
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py)."""
+    flags.DEFINE_enum("model", None, sorted(SWIN_CONFIGS), "timm model name (required).",
+                      flag_values=flag_values)
+    flags.DEFINE_string("checkpoint", None, "Weights to convert: a .pth / .pt / .bin file "
+                        "(loaded with weights_only=True) or a .safetensors file. Give this or "
+                        "--pretrained.", flag_values=flag_values)
+    flags.DEFINE_bool("pretrained", False, "Fetch timm's pretrained weights for --model instead "
+                      "of --checkpoint (needs internet).", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output directory, written atomically (required).",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("no_verify", False, "Skip the parity check against timm before saving "
+                      "(the check needs torch and timm).", flag_values=flag_values)
 
 
-def _main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        description="Convert a timm / Microsoft Swin checkpoint to a JAX params directory.")
-    parser.add_argument("--model", required=True, choices=sorted(SWIN_CONFIGS),
-                        help="timm model name")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help=".pth / .pt / .bin (loaded with weights_only=True) "
-                        "or .safetensors file")
-    source.add_argument("--pretrained", action="store_true",
-                        help="fetch timm's pretrained weights (needs internet)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the parity check against timm (needs torch + timm)")
-    args = parser.parse_args(argv)
+def main(argv, flag_values=flags.FLAGS) -> int:
+    """Exit status 0 saved, 1 parity with timm failed (nothing saved), 2 a usage error."""
+    args = flag_values
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    missing = [f"--{name}" for name in ("model", "out") if not args[name].value]
+    if missing:
+        raise app.UsageError(f"{' and '.join(missing)} required, e.g. --model "
+                             "swin_base_patch4_window7_224 --checkpoint FILE --out DIR")
+    if bool(args.checkpoint) == bool(args.pretrained):
+        raise app.UsageError("give exactly one of --checkpoint FILE and --pretrained")
 
     if args.pretrained:
         state_dict = pretrained_state_dict(args.model)
@@ -73,7 +85,7 @@ def _main(argv) -> int:
         state_dict = swin_conversion.load_state_dict_file(args.checkpoint)
         source_name = args.checkpoint
     params = swin_conversion.convert_state_dict(state_dict, args.model)
-    count = sum(int(np.prod(v.shape)) for v in _leaves(params))
+    count = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     print(f"converted {count:,} parameters of {args.model} from {source_name}")
 
     if not args.no_verify:
@@ -90,13 +102,5 @@ def _main(argv) -> int:
     return 0
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags=define_flags, expected=EXPECTED)

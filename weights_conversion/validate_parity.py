@@ -1,32 +1,45 @@
-"""Checks that the JAX models compute what their PyTorch counterparts compute.
+r"""Checks that the JAX models compute what their PyTorch counterparts compute (float32, CPU).
 
-Swin backbone against timm (`features_only=True`), float32 on the CPU:
+Swin mode (--model): the Swin backbone against timm (`features_only=True`),
+stage by stage:
 
     python -m weights_conversion.validate_parity --model swin_tiny_patch4_window7_224
     python -m weights_conversion.validate_parity --model swin_base_patch4_window7_224 \
-        --checkpoint swin_base.pth --img-size 256 --json
+        --checkpoint swin_base.pth --img_size 256 --json
 
-Without --checkpoint the weights are seeded random timm weights, perturbed away
-from their init. Prints the max absolute / relative difference per stage and
-exits with status 1 when any stage is above the tolerance (1e-4 absolute by
-default), 2 for a usage error (a missing file, a checkpoint that does not fit).
-The full-model mode (`--config`) is described further down.
+Full-model mode (--config): a config's whole HyperIQA model against
+weights_conversion.torch_reference (every intermediate, the attention and the
+score) and, with --train_step, one optimiser step:
+
+    python -m weights_conversion.validate_parity --config configs/tiny.py
+    python -m weights_conversion.validate_parity --config configs/resnet50_hyperiqa.py \
+        --checkpoint koniq_pretrained.pkl
+    python -m weights_conversion.validate_parity --config configs/base.py --train_step
+
+Without --checkpoint the weights are seeded random weights, perturbed away from
+their init. Prints each difference against its limit (--json: as JSON).
+Exit status: 0 when everything is within its limit; 1 when anything is not (a
+Swin stage above --tolerance, 1e-4 absolute by default; a full-model output;
+with --train_step, the optimiser step); 2 for a usage error (a missing file, a
+checkpoint that does not fit).
 """
 
-import argparse
 import json
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from hyperiqa_jax import cli
 from hyperiqa_jax.models.swin import SWIN_CONFIGS
 from weights_conversion import swin as swin_conversion
+from weights_conversion.hyperiqa import FORMATS
 
 DEFAULT_TOLERANCE = 1e-4
+# Errors this command reports as user errors (exit status 2), besides cli.UserError.
+EXPECTED = (swin_conversion.ConversionError,)
 
 
 def difference(jax_value, torch_value) -> dict:
@@ -93,47 +106,7 @@ def report(results: dict, tolerance: float) -> bool:
     return ok
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Compare the JAX models with their PyTorch references (float32, CPU).")
-    parser.add_argument("--model", help="timm Swin name, e.g. swin_base_patch4_window7_224")
-    parser.add_argument("--checkpoint", help=".pth/.pt/.safetensors Swin state dict to convert "
-                        "(default: seeded random timm weights, perturbed)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--img-size", type=int, default=224, help="a multiple of 32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    parser.add_argument("--json", action="store_true", help="print the differences as JSON")
-    args = parser.parse_args(argv)
-    if not args.model:
-        parser.error("--model is required")
-    if args.img_size % 32:
-        parser.error(f"--img-size must be a multiple of 32, got {args.img_size}")
-    if args.model not in SWIN_CONFIGS:
-        parser.error(f"--model {args.model!r} is not a known Swin; choose one of "
-                     f"{', '.join(SWIN_CONFIGS)}")
-    results = swin_parity(args.model, checkpoint=args.checkpoint, batch=args.batch,
-                          img_size=args.img_size, seed=args.seed)
-    if args.json:
-        print(json.dumps({"model": args.model, "img_size": args.img_size, "results": results},
-                         indent=2))
-        ok = all(d["max_abs"] <= args.tolerance for d in results.values())
-    else:
-        ok = report(results, args.tolerance)
-    return 0 if ok else 1
-
-
-# --- full-model mode below ---
-
-# Full HyperIQA models: `--config configs/X.py` compares the whole model with
-# weights_conversion.torch_reference (every intermediate, the attention and the score)
-# and, with --train-step, one optimiser step; either outside its tolerance exits 1.
-#
-#     python -m weights_conversion.validate_parity --config configs/tiny.py
-#     python -m weights_conversion.validate_parity --config configs/resnet50_hyperiqa.py \
-#         --checkpoint koniq_pretrained.pkl
-#     python -m weights_conversion.validate_parity --config configs/base.py --train-step
-
+# Full-model mode: limits of the forward comparison.
 SCORE_TOLERANCE = 1e-4
 ATTENTION_TOLERANCE = 1e-5
 RELATIVE_TOLERANCE = 1e-5  # intermediates: max abs difference / max |reference|
@@ -192,45 +165,87 @@ def train_step_report(step: dict, quiet: bool = False) -> bool:
     return ok
 
 
-def full_model_main(argv) -> int:
-    parser = argparse.ArgumentParser(description="Full HyperIQA parity against the PyTorch "
-                                                 "reference (float32, CPU).")
-    parser.add_argument("--config", required=True, help="configs/X.py")
-    parser.add_argument("--checkpoint", help="full checkpoint to load (any supported format); "
-                                             "default: perturbed random weights")
-    parser.add_argument("--format", default="auto")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-step", action="store_true",
-                        help="also compare one optimiser step (dropout off)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+def swin_main(args) -> int:
+    """The Swin-only mode: exit status 0 when every stage is within --tolerance, else 1."""
+    if args.img_size % 32:
+        raise app.UsageError(f"--img_size must be a multiple of 32, got {args.img_size}")
+    results = swin_parity(args.model, checkpoint=args.checkpoint, batch=args.batch,
+                          img_size=args.img_size, seed=args.seed)
+    if args.json:
+        print(json.dumps({"model": args.model, "img_size": args.img_size, "results": results},
+                         indent=2))
+        ok = all(d["max_abs"] <= args.tolerance for d in results.values())
+    else:
+        ok = report(results, args.tolerance)
+    return 0 if ok else 1
+
+
+def full_model_main(args) -> int:
+    """The --config mode: exit status 0 when the forward pass, and with --train_step the
+    optimiser step, are within their limits; 1 when either is not."""
     config = cli.load_config_file(args.config)  # before importing torch: a wrong path fails at once
     from weights_conversion import hyperiqa_parity
 
     results = hyperiqa_parity.forward_parity(
         config.model, batch=args.batch, seed=args.seed, checkpoint=args.checkpoint,
         fmt=args.format)
-    ok = full_model_report(results, quiet=args.json)
-    output = {"config": args.config, "forward": results}
+    forward_ok = full_model_report(results, quiet=args.json)
+    output = {"config": args.config, "forward": results, "forward_ok": forward_ok}
+    step_ok = True
     if args.train_step:
         step = hyperiqa_parity.train_step_parity(config, batch=args.batch, seed=args.seed)
-        ok &= train_step_report(step, quiet=args.json)
-        output["train_step"] = step
+        step_ok = train_step_report(step, quiet=args.json)
+        output.update(train_step=step, train_step_ok=step_ok)
     if args.json:
         print(json.dumps(output, indent=2, default=str))
-    return 0 if ok else 1
+    return 0 if forward_ok and step_ok else 1
 
 
-_swin_main = main
+# The flags of one mode only: a mistake to give in the other.
+SWIN_ONLY = ("model", "img_size", "tolerance")
+FULL_MODEL_ONLY = ("format", "train_step")
 
 
-def main(argv=None) -> int:  # noqa: F811  (dispatches to the Swin-only mode above)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    mode = full_model_main if any(a == "--config" or a.startswith("--config=")
-                                  for a in argv) else _swin_main
-    return cli.guarded(mode, expected=(swin_conversion.ConversionError,))(argv)
+def define_flags(flag_values=flags.FLAGS):
+    """The command's flags (defined when it runs, see hyperiqa_jax/cli.py)."""
+    f = dict(flag_values=flag_values)
+    flags.DEFINE_enum("model", None, list(SWIN_CONFIGS), "Swin mode: the timm Swin to compare, "
+                      "e.g. swin_base_patch4_window7_224.", **f)
+    flags.DEFINE_string("config", None, "Full-model mode instead: a configs/*.py file whose "
+                        "whole HyperIQA model is compared with the PyTorch reference.", **f)
+    flags.DEFINE_string("checkpoint", None, "Weights to load in both frameworks. Swin mode: "
+                        "a .pth / .pt / .safetensors Swin state dict; --config mode: a full "
+                        "checkpoint (see --format). Default: seeded random weights, perturbed "
+                        "away from their init.", **f)
+    flags.DEFINE_enum("format", "auto", ["auto", *FORMATS], "--config mode: the --checkpoint's "
+                      "format (auto: detected from its keys).", **f)
+    flags.DEFINE_integer("batch", 2, "Random images compared.", lower_bound=1, **f)
+    flags.DEFINE_integer("img_size", 224, "Swin mode: image size, a multiple of 32.",
+                         lower_bound=32, **f)
+    flags.DEFINE_integer("seed", 0, "Seed of the random images and weights.", **f)
+    flags.DEFINE_float("tolerance", DEFAULT_TOLERANCE, "Swin mode: largest max absolute "
+                       "difference allowed per stage.", **f)
+    flags.DEFINE_bool("train_step", False, "--config mode: also compare one optimiser step "
+                      "(dropout off); exit status 1 when it is outside its limits.", **f)
+    flags.DEFINE_bool("json", False, "Print the differences as JSON instead of tables.", **f)
+
+
+def main(argv, flag_values=flags.FLAGS) -> int:
+    """Exit status 0 within tolerance, 1 outside it, 2 a usage error."""
+    args = flag_values
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    mode, other = ("--config", SWIN_ONLY) if args.config else ("Swin", FULL_MODEL_ONLY)
+    wrong = [f"--{name}" for name in other if args[name].present]
+    if wrong:
+        raise app.UsageError(f"{', '.join(wrong)} cannot be used in {mode} mode (--model: "
+                             "Swin backbone; --config: full model)")
+    if args.config:
+        return full_model_main(args)
+    if not args.model:
+        raise app.UsageError("give --model NAME (Swin backbone) or --config FILE (full model)")
+    return swin_main(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags=define_flags, expected=EXPECTED)

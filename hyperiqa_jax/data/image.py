@@ -196,9 +196,11 @@ def target_size(width: int, height: int, resize, crop_size: int) -> tuple[int, i
             raise ConfigError(f"data.resize {resize} is smaller than data.crop_size {crop_size}")
         return h, w
     h, w = height, width
-    if isinstance(resize, int):
-        short = min(h, w)
-        h, w = max(1, round(h * resize / short)), max(1, round(w * resize / short))
+    if isinstance(resize, int):  # as torchvision: the longer side truncated, not rounded
+        if h <= w:
+            h, w = resize, max(1, int(resize * w / h))
+        else:
+            h, w = max(1, int(resize * h / w)), resize
     if min(h, w) < crop_size:
         scale = crop_size / min(h, w)
         h = max(crop_size, math.ceil(h * scale - 1e-6))

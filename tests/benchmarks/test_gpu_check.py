@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu_check
+from hyperiqa_jax import cli
 
 REPO = Path(__file__).absolute().parents[2]
 
@@ -29,12 +30,20 @@ def test_dry_run_end_to_end(tmp_path):
     env.pop("BASELINE_DIR", None)
     # Through the shell wrapper, as on the GPU machine (its wheel install is skipped here:
     # this environment has grain and ml_collections).
-    subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out),
-                    "--runs", runs, "--repeats", "2", "--peak-bf16", "1e12", "--baseline-dir", ""],
+    subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry_run", "--out", str(out),
+                    "--runs", runs, "--repeats", "2", "--peak_bf16", "1e12", "--baseline_dir", ""],
                    cwd=REPO, env=env, check=True, timeout=600)
     records = read_records(out)
     env_rec = records[0]
     assert env_rec["kind"] == "env" and env_rec["dry_run"] and env_rec["model"] == "micro"
+    # What was asked, and --dry_run's defaults for the rest.
+    assert (env_rec["batches"], env_rec["headline_batch"]) == ([2], 2)
+    assert (env_rec["repeats"], env_rec["steps_per_call"]) == (2, 1)
+    assert env_rec["peaks"]["bfloat16"] == 1e12
+    command = env_rec["command"].split()
+    assert command[:3] == ["python", "-m", "benchmarks.gpu_check"]
+    assert sorted(command[3:]) == ["--baseline_dir=", "--dry_run", f"--out={out}",
+                                   "--peak_bf16=1000000000000.0", "--repeats=2", f"--runs={runs}"]
     steps = {r["run"]: r for r in records if r["kind"] == "step"}
     assert list(steps) == ["jax-train-bf16-b2", "torch-eager-train-bf16-b2"]  # plan order
     jx, tr = steps["jax-train-bf16-b2"], steps["torch-eager-train-bf16-b2"]
@@ -97,8 +106,9 @@ def test_dry_run_end_to_end(tmp_path):
 
 def test_budget_stops_new_runs(tmp_path, capsys):
     out = tmp_path / "r"
-    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "-1",
-                           "--runs", "jax-eval-*", "--baseline-ref", "none"]) == 0
+    assert cli.call(gpu_check.main, ["--dry_run", "--out", str(out), "--budget", "-1",
+                                     "--runs", "jax-eval-*", "--baseline_ref", "none"],
+                    define_flags=gpu_check.define_flags) == 0
     records = read_records(out)
     skips = [r for r in records if r["kind"] == "skip"]
     assert [r["run"] for r in skips] == ["jax-eval-bf16-b2", "jax-eval-fp32-b2"]
@@ -118,7 +128,7 @@ def test_plan_puts_the_headline_pair_first():
 
 
 def test_results_never_in_the_repo_root(monkeypatch):
-    with pytest.raises(SystemExit):
+    with pytest.raises(cli.ConfigError, match="must not be the repository root"):
         gpu_check.parse_args(["--out", str(REPO)])
     monkeypatch.delenv("RESULTS_DIR", raising=False)
     monkeypatch.delenv("OUT", raising=False)
@@ -127,8 +137,40 @@ def test_results_never_in_the_repo_root(monkeypatch):
     assert gpu_check.parse_args([]).out == "/tmp/device-out"
 
 
+def test_settings_from_the_command_line(monkeypatch):
+    for name in ("RESULTS_DIR", "OUT", "BATCHES", "RUNS", "BUDGET_S"):
+        monkeypatch.delenv(name, raising=False)
+    args = gpu_check.parse_args(["--dry_run", "--repeats=4", "--batches", "2 8", "--out=/tmp/x"])
+    assert (args.repeats, args.batches, args.headline, args.out) == (4, [2, 8], 2, "/tmp/x")
+    # --dry_run's defaults where a flag is not given.
+    assert {name: getattr(args, name) for name in gpu_check.DRY_RUN if name not in (
+        "repeats", "batches")} == {k: v for k, v in gpu_check.DRY_RUN.items() if k not in (
+            "repeats", "batches")}
+    assert sorted(args.argv) == ["--batches=2 8", "--dry_run", "--out=/tmp/x", "--repeats=4"]
+    monkeypatch.setenv("BATCHES", "64 256")  # environment defaults, read when flags are defined
+    monkeypatch.setenv("BUDGET_S", "12")
+    args = gpu_check.parse_args(["--runs=jax-*,torch-eager-*"])
+    assert (args.batches, args.headline, args.budget) == ([64, 256], 64, 12.0)
+    assert args.runs == ["jax-*", "torch-eager-*"] and not args.dry_run
+    # The driver's call of a worker process.
+    args = gpu_check.parse_args(["--worker", '{"run": "x"}', "--records", "/tmp/r.jsonl"])
+    assert (json.loads(args.worker), args.records, args.argv) == ({"run": "x"}, "/tmp/r.jsonl",
+                                                                   [])
+    with pytest.raises(Exception, match="dry-run"):
+        gpu_check.parse_args(["--dry-run"])  # argparse's spelling is gone
+
+
+def test_help_lists_the_flags_but_not_the_worker_flags():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # absl's --help exits with status 1
+    assert "--dry_run" in proc.stdout and "--check_wheels" in proc.stdout
+    assert "GPU check: Swin-B E6" in proc.stdout  # the module docstring
+    assert "--worker" not in proc.stdout and "--records" not in proc.stdout
+
+
 def test_baseline_ref_not_available(tmp_path):
-    args = gpu_check.parse_args(["--baseline-ref", "0123456789abcdef0123"])
+    args = gpu_check.parse_args(["--baseline_ref", "0123456789abcdef0123"])
     args.baseline_dir = None
     root, note = gpu_check.prepare_baseline(args, tmp_path)
     assert root is None and "git archive" in note and ".baseline" in note

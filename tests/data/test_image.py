@@ -157,11 +157,21 @@ def test_too_many_pixels_for_png(tmp_path, monkeypatch):
     _expect_error(p, "too many pixels (50x40 > 1000 for PNG)")
 
 
-def test_resize_matches_pil_bilinear(tmp_path):
-    """Same pixels as torchvision Resize((h, w)) on a PIL image (= PIL bilinear)."""
-    p = make_image(tmp_path / "a.jpg", 60, 80, quality=95)
-    ref = np.asarray(Image.open(p).convert("RGB").resize((30, 50), Image.BILINEAR))
-    np.testing.assert_array_equal(load_resized(p, (50, 30), 16), ref)
+@pytest.mark.parametrize("height,width,resize", [
+    (60, 80, (50, 30)),    # Resize((h, w)): down, the aspect ratio changed
+    (60, 80, (97, 131)),   # up by non-integer factors
+    (60, 80, 50),          # Resize(int): shorter side 50, longer int(50 * 80 / 60) = 66
+    (101, 77, 64),         # portrait: longer side int(64 * 101 / 77) = 83 (rounding gives 84)
+])
+def test_resize_matches_torchvision(tmp_path, height, width, resize):
+    """The PyTorch reference's preprocessing: torchvision Resize on the decoded PIL image."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    p = make_image(tmp_path / "a.jpg", height, width, quality=95)
+    ref = np.asarray(transforms.Resize(resize)(Image.open(p).convert("RGB")))
+    got = load_resized(p, resize, 16)
+    assert got.shape == ref.shape
+    # Measured: identical pixels (torchvision resizes a PIL image with PIL's bilinear filter).
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_crop_positions():
@@ -198,14 +208,18 @@ def test_normalize():
     np.testing.assert_allclose(y[0, 0], (1 - im.IMAGENET_MEAN) / im.IMAGENET_STD, rtol=1e-6)
 
 
-def test_preprocess_for_scoring(tmp_path):
+def test_eval_crops_of_a_path_and_of_its_pixels(tmp_path):
     p = make_image(tmp_path / "a.jpg", 60, 80)
     cfg = data_config(resize=None, crop_size=32, test_crops=6, eval_protocol="grid")
-    a = im.preprocess_for_scoring(p, cfg)
-    assert a.shape == (6, 32, 32, 3) and a.dtype == np.float32
-    b = im.preprocess_for_scoring(load_image(p), cfg)
+    a = im.eval_crops(p, cfg)
+    assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
+    b = im.eval_crops(load_image(p), cfg)
     np.testing.assert_array_equal(a, b)
-    assert im.preprocess_for_scoring(p, cfg, protocol="center").shape == (1, 32, 32, 3)
+    # The grid's first crop is the top-left corner, its last the bottom-right one.
+    pixels = load_image(p)
+    np.testing.assert_array_equal(a[0], pixels[:32, :32])
+    np.testing.assert_array_equal(a[-1], pixels[-32:, -32:])
+    assert im.eval_crops(p, cfg, protocol="center").shape == (1, 32, 32, 3)
 
 
 def test_draft_decoding_for_big_jpegs(tmp_path):

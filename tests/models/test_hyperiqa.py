@@ -188,7 +188,8 @@ def test_bfloat16_agrees_with_float32_relative_to_the_score_spread():
     spread = float(jnp.std(scores32))
     assert spread > 5
     error = np.abs(np.asarray(scores16) - np.asarray(scores32))
-    # Measured: max 0.089 x spread, mean 0.032 x spread (bfloat16 keeps 8 significant bits).
+    # Measured: max 0.057-0.089 x spread, mean 0.032-0.037 x spread over two measurements
+    # (XLA CPU; bfloat16 keeps 8 significant bits). Allowed: 0.15 and 0.06 x spread.
     assert error.max() <= 0.15 * spread, (error, spread)
     assert error.mean() <= 0.06 * spread, (error, spread)
     # Gradient direction per parameter group (measured cosines 0.9939 .. 0.9997).

@@ -1,6 +1,8 @@
 """The JAX Swin against timm's features_only Swin (float32, seeded random weights)."""
 
+import collections
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -59,20 +61,87 @@ def _small_swin(**kw):
     return swin.swin_from_name("swin_tiny_patch4_window7_224", **fields)
 
 
-def test_drop_path_only_in_training():
-    model = _small_swin(drop_path_rate=0.5, img_size=64)
-    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
-    params = model.init(jax.random.key(0), x)["params"]
-    eval_a = model.apply({"params": params}, x)
-    eval_b = model.apply({"params": params}, x, rngs={"dropout": jax.random.key(5)})
-    train_a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
-    train_b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
-    np.testing.assert_array_equal(eval_a[3], eval_b[3])
-    assert not np.allclose(train_a[3], eval_a[3])
-    assert not np.allclose(train_a[3], train_b[3])
-    # Per sample: some samples of a batch keep a block that others drop.
-    rates = model.drop_path_rates()
-    assert rates[0][0] == 0.0 and rates[-1][-1] == pytest.approx(0.5)
+def _within_binomial_bound(kept, trials, rate):
+    """Kept count of `trials` samples each kept with probability 1 - rate, within 4 standard
+    deviations of its mean (a correct layer fails this with probability ~6e-5; the keys are
+    fixed, so the test is deterministic)."""
+    mean, std = trials * (1 - rate), math.sqrt(trials * rate * (1 - rate))
+    return abs(kept - mean) <= 4 * std
+
+
+def _scaled_by_keep(out, branch, rate):
+    """Per sample: out == branch / (1 - rate), within float32 rounding (measured: at most
+    7.9e-8 relative to the float64 quotient, under one float32 ulp; allowed: 5e-7)."""
+    want = branch.astype(np.float64) / (1 - rate)
+    return np.all(np.abs(out - want) <= 5e-7 * np.abs(want), axis=tuple(range(1, out.ndim)))
+
+
+def test_drop_path_drops_whole_samples_at_its_rate():
+    """timm's DropPath (scale_by_keep): in training each sample's branch is either zeroed or
+    scaled by 1 / (1 - p) as a whole; the kept fraction is 1 - p; in eval, identity."""
+    rate, n = 0.3, 20_000
+    x = jax.random.normal(jax.random.key(0), (n, 3, 4, 5))
+    layer = swin.DropPath(rate)
+    y = np.asarray(layer.apply({}, x, True, rngs={"dropout": jax.random.key(1)}))
+    x = np.asarray(x)
+    zeroed = np.all(y == 0, axis=(1, 2, 3))
+    scaled = _scaled_by_keep(y, x, rate)
+    assert np.all(zeroed ^ scaled)  # whole samples: never part of one
+    assert _within_binomial_bound(scaled.sum(), n, rate), scaled.mean()
+    other = np.asarray(layer.apply({}, x, True, rngs={"dropout": jax.random.key(2)}))
+    assert not np.array_equal(np.all(other == 0, axis=(1, 2, 3)), zeroed)  # a new key, a new mask
+    assert layer.apply({}, x, False) is x  # eval: identity, no key needed
+    assert swin.DropPath(0.0).apply({}, x, True) is x
+
+
+def _drop_path_calls(model, params, x, **kwargs):
+    """(rate, branch in, branch out) of every DropPath call of one (jitted) forward pass."""
+    rates = []
+
+    def forward(params, x):
+        branches = []
+
+        def record(next_fun, args, call_kwargs, context):
+            out = next_fun(*args, **call_kwargs)
+            if isinstance(context.module, swin.DropPath) and context.method_name == "__call__":
+                rates.append(context.module.rate)
+                branches.append((args[0], out))
+            return out
+
+        with nn.intercept_methods(record):
+            model.apply({"params": params}, x, **kwargs)
+        return branches
+
+    branches = jax.jit(forward)(params, x)
+    return [(rate, np.asarray(b), np.asarray(o)) for rate, (b, o) in zip(rates, branches)]
+
+
+def test_drop_path_in_the_model_per_sample_at_each_blocks_rate():
+    # Blocks' rates 0, 0.125, 0.25, 0.375, 0.5 (linear over the 5 blocks); 2 branches each.
+    model = _small_swin(drop_path_rate=0.5, img_size=32)
+    n = 128
+    x = jax.random.normal(jax.random.key(1), (n, 32, 32, 3))
+    # Random weights without `init` (its random number graph compiles slowly).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), shapes)
+    calls = _drop_path_calls(model, params, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert [rate for rate, _, _ in calls] == [r for stage in model.drop_path_rates()
+                                              for r in stage for _ in range(2)]
+    kept = collections.Counter()
+    for rate, branch, out in calls:
+        if rate == 0.0:
+            assert np.array_equal(out, branch)
+            continue
+        zeroed = np.all(out == 0, axis=(1, 2, 3))
+        scaled = _scaled_by_keep(out, branch, rate)
+        assert np.all(zeroed ^ scaled), rate  # each sample dropped or kept as a whole
+        kept[rate] += scaled.sum()
+    for rate, count in kept.items():  # 2 branches x n samples per rate
+        assert _within_binomial_bound(count, 2 * n, rate), (rate, count)
+    # Eval: every branch passes unchanged, with or without a key.
+    for _, branch, out in _drop_path_calls(model, params, x[:4]):
+        assert np.array_equal(out, branch)
 
 
 def test_drop_path_rates_are_linear_over_blocks():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperiqa_jax import cli
 from tests.weights_conversion.test_hyperiqa_conversion import smart_iqa_state_dict
 from weights_conversion import hyperiqa_parity, validate_parity
 from weights_conversion.torch_reference import calibrate_scores
@@ -76,14 +77,15 @@ def test_forward_parity_from_a_smart_iqa_checkpoint():
 def test_forward_parity_swin_tiny_full_depth_cli(tmp_path, capsys):
     """configs/tiny.py as it is, through validate_parity's --config mode."""
     config = str(REPO / "configs" / "tiny.py")
-    assert validate_parity.main(["--config", config, "--batch", "2"]) == 0
+    assert cli.call(validate_parity.main, ["--config", config, "--batch", "2"],
+                    define_flags=validate_parity.define_flags) == 0
     assert "PASS" in capsys.readouterr().out
 
 
 # One config per distinct head: E6 channel attention (Swin-T channels), released scale
 # attention and A2 single-scale (Swin-B channels), C0 ResNet-50. The other configs differ
 # from these only in the backbone's size: `python -m weights_conversion.validate_parity
-# --config configs/X.py --train-step` checks any of them.
+# --config configs/X.py --train_step` checks any of them.
 TRAIN_STEP_CONFIGS = ("tiny", "smart_iqa_scale", "ablation_single_scale", "resnet50_hyperiqa")
 
 

@@ -9,6 +9,7 @@ import timm
 import torch
 from flax import traverse_util
 
+from hyperiqa_jax import cli
 from hyperiqa_jax.params_io import load_params, save_params
 from weights_conversion import convert_timm
 from weights_conversion import swin as conversion
@@ -131,11 +132,17 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     assert "this ran during unpickling" not in capsys.readouterr().out
 
 
+def convert(argv):
+    """`python -m weights_conversion.convert_timm ARGV`, in this process: its exit status."""
+    return cli.call(convert_timm.main, argv, define_flags=convert_timm.define_flags,
+                    expected=convert_timm.EXPECTED)
+
+
 def test_convert_cli_writes_loadable_params(tmp_path, timm_state_dict, reference_params, capsys):
     torch.save(timm_state_dict, tmp_path / "w.pth")
     out = tmp_path / "converted"
-    assert convert_timm.main(["--model", NAME, "--checkpoint", str(tmp_path / "w.pth"),
-                              "--out", str(out)]) == 0
+    assert convert(["--model", NAME, "--checkpoint", str(tmp_path / "w.pth"),
+                    "--out", str(out)]) == 0
     assert "parity with timm" in capsys.readouterr().out
     params, meta = load_params(out)
     assert meta["model"] == NAME
@@ -143,9 +150,22 @@ def test_convert_cli_writes_loadable_params(tmp_path, timm_state_dict, reference
 
 
 def test_convert_cli_missing_file_is_a_clear_error(tmp_path, capsys):
-    assert convert_timm.main(["--model", NAME, "--checkpoint", str(tmp_path / "nope.pth"),
-                              "--out", str(tmp_path / "o")]) == 2
+    assert convert(["--model", NAME, "--checkpoint", str(tmp_path / "nope.pth"),
+                    "--out", str(tmp_path / "o")]) == 2
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--checkpoint=w.pth", "--out=o"], "--model required"),
+    (["--model", NAME, "--out=o"], "exactly one of --checkpoint FILE and --pretrained"),
+    (["--model", NAME, "--checkpoint=w.pth", "--pretrained", "--out=o"], "exactly one of"),
+    (["--model", NAME, "--checkpoint=w.pth", "--no-verify", "--out=o"], "no-verify"),
+    (["--model", "swin_tiny", "--checkpoint=w.pth", "--out=o"], "--model"),
+])
+def test_convert_cli_usage_errors(argv, fragment, capsys):
+    assert convert(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and fragment in line, line
 
 
 def test_load_params_missing_dir_says_how_to_convert(tmp_path):
