@@ -473,7 +473,8 @@ def define_flags():
     """Command-line flags (defined only when run as a program)."""
     config_flags.DEFINE_config_file("config", None, "Training config file.",
                                     lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs (may be gs://).")
+    distributed.define_flags()
 
 
 def check_workdir(workdir):

@@ -137,21 +137,12 @@ def full_model_report(results: dict, quiet: bool = False) -> bool:
     return ok
 
 
-# One optimiser step: what tests/weights_conversion/test_hyperiqa_parity.py asserts.
-TRAIN_STEP_LIMITS = {
-    "outside_rel_1e-5_fraction": 1e-3,  # updated params within 1e-5 relative, but for
-    "param_diff_in_lr": 2.0,            # ill-conditioned AdamW first steps (< 2 lr steps)
-    "update_in_lr": 0.5,                # steps where the gradient's sign is well defined
-    "batch_stats_abs": 1e-5,
-}
-
-
+# The train steps: the bounds tests/weights_conversion/test_hyperiqa_parity.py asserts.
 def train_step_report(step: dict, quiet: bool = False) -> bool:
     """Prints the train-step differences against their limits; True when all are within."""
-    limits = dict(TRAIN_STEP_LIMITS, loss=1e-5 * max(step["loss_value"], 1.0),
-                  # A ReLU input within float32 noise of 0 may switch sides in one framework
-                  # (always the case for ResNet-50): then gradients move by up to a few %.
-                  grad_rel=1e-4 if step["relu_near_zero"] == 0 else 5e-2)
+    from weights_conversion.hyperiqa_parity import train_step_limits
+
+    limits = train_step_limits(step)  # what tests/weights_conversion asserts
     ok = True
     say = (lambda *a: None) if quiet else print
     say(f"{'train step':<26} {'value':>12}  limit")

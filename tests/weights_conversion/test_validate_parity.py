@@ -51,12 +51,12 @@ def test_cli_usage_errors(argv, fragment, capsys):
 def test_train_step_outside_tolerance_fails(capsys):
     # `--config X --train_step` exits 1 when the step is outside these limits.
     good = {"loss": 1e-7, "loss_value": 30.0, "grad_rel": 2e-5, "relu_near_zero": 0,
-            "outside_rel_1e-5_fraction": 0.0, "param_diff_in_lr": 0.3, "update_in_lr": 0.01}
+            "outside_rel_1e-5_fraction": 0.0, "param_diff_in_lr": 0.3}
     assert validate_parity.train_step_report(good)
     assert not validate_parity.train_step_report(dict(good, grad_rel=1e-3))
     # A ReLU input near 0 (ResNet-50) allows a few % of gradient difference.
     assert validate_parity.train_step_report(dict(good, grad_rel=1e-3, relu_near_zero=4))
-    assert not validate_parity.train_step_report(dict(good, update_in_lr=0.9))
+    assert not validate_parity.train_step_report(dict(good, param_diff_in_lr=2.5))
     assert "above limit" in capsys.readouterr().out
 
 
@@ -119,8 +119,7 @@ def test_train_step_outside_its_limits_exits_1(recorded_run, tiny_config_file, m
     _, _, returned = recorded_run
     replay(monkeypatch, returned)
     assert parity(["--config", tiny_config_file, "--train_step"]) == 0  # the replay passes
-    compared = [k for k in ("loss", "grad_rel", *validate_parity.TRAIN_STEP_LIMITS)
-                if k in returned["train_step"]]
+    compared = list(hyperiqa_parity.train_step_limits(returned["train_step"]))
     assert {"loss", "grad_rel", "param_diff_in_lr"} <= set(compared), compared
     for key in compared:
         # The same forward pass, one train-step figure far above any limit: the run fails.
