@@ -17,20 +17,19 @@ weights_conversion.torch_reference.HyperIQAReference: forward with dropout and
 drop path, L1 loss, backward, global-norm clipping at 1.0, AdamW with the
 backbone learning rate and x10 for the rest (hyperiqa_jax.optim.make_optimizer).
 
-A timed call runs `--steps-per-call` steps and then waits for the device once,
+A timed call runs `--steps_per_call` steps and then waits for the device once,
 so on a GPU the host's dispatch of step k+1 overlaps step k, as in training;
 the reported time is per step.
 """
 
-import argparse
 import importlib
 import json
 import resource
-import sys
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 # "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
 # per image), for smoke tests and the GPU check's CPU dry run.
@@ -235,40 +234,37 @@ def timed(runner, steps_per_call: int = 1) -> float:
     return (time.perf_counter() - start) / steps_per_call
 
 
-def main(argv=None) -> int:
-    from hyperiqa_jax import allocator
-    allocator.preload(__name__)  # under mimalloc when run as a command (hyperiqa_jax/allocator.py)
-    parser = argparse.ArgumentParser(
-        description="Median images/s of the full E6 model (JAX vs the PyTorch reference). "
-                    "On CPU, preload tcmalloc for both (docs/benchmarks.md).")
-    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
-                        help="which implementation to time (ignored with --vs)")
-    parser.add_argument("--vs", action="store_true",
-                        help="time jax and torch alternately in this process; print the "
-                             "JAX/torch ratio per pair and their median")
-    parser.add_argument("--model", choices=MODELS, default="tiny",
-                        help="Swin-T, Swin-S or Swin-B backbone in the E6 model "
-                             "(micro: a narrow one-block-per-stage Swin-T, for smoke tests)")
-    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
-                        help="eval: forward only; train: forward, backward and AdamW update")
-    parser.add_argument("--batch", type=int, default=8, help="images (224x224) per call")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype (torch: autocast to it)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework")
-    parser.add_argument("--steps-per-call", type=int, default=1,
-                        help="steps per timed call, one device wait at its end")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--torch-compile", action="store_true",
-                        help="wrap the torch model in torch.compile")
-    parser.add_argument("--torch-layout", choices=("auto", "nchw", "channels_last"),
-                        default="auto", help="torch memory format (auto: channels-last on GPU)")
-    parser.add_argument("--peak-flops", type=float, default=0.0,
-                        help="device peak FLOP/s for MFU (default: looked up by device kind "
-                             "and dtype; float32 against the TF32 peak)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
-    args = parser.parse_args(argv)
+def define_flags(flag_values=None):
+    """The command's flags (absl), on `flag_values` (default: the global FLAGS)."""
+    fv = dict(flag_values=flag_values) if flag_values is not None else {}
+    flags.DEFINE_enum("framework", "jax", ["jax", "torch"],
+                      "Which implementation to time (ignored with --vs).", **fv)
+    flags.DEFINE_bool("vs", False, "Time jax and torch alternately in this process; print the "
+                      "JAX/torch ratio per pair and their median.", **fv)
+    flags.DEFINE_enum("model", "tiny", list(MODELS), "Swin-T, Swin-S or Swin-B backbone in the "
+                      "E6 model (micro: a narrow one-block-per-stage Swin-T, for smoke tests).",
+                      **fv)
+    flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: forward only; train: forward, "
+                      "backward and AdamW update.", **fv)
+    flags.DEFINE_integer("batch", 8, "Images (224x224) per call.", **fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                      "Compute dtype (torch: autocast to it).", **fv)
+    flags.DEFINE_integer("repeats", 5, "Timed calls per framework.", **fv)
+    flags.DEFINE_integer("steps_per_call", 1, "Steps per timed call, one device wait at its "
+                         "end.", **fv)
+    flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default).", **fv)
+    flags.DEFINE_bool("torch_compile", False, "Wrap the torch model in torch.compile.", **fv)
+    flags.DEFINE_enum("torch_layout", "auto", ["auto", "nchw", "channels_last"],
+                      "torch memory format (auto: channels-last on GPU).", **fv)
+    flags.DEFINE_float("peak_flops", 0.0, "Device peak FLOP/s for MFU (default: looked up by "
+                       "device kind and dtype; float32 against the TF32 peak).", **fv)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead.", **fv)
 
+
+def main(argv, flag_values=None) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flag_values if flag_values is not None else flags.FLAGS
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -327,4 +323,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hyperiqa_jax import allocator, cli
+
+    allocator.preload(__name__)  # under mimalloc when run as a command (hyperiqa_jax/allocator.py)
+    cli.run(main, define_flags=define_flags)

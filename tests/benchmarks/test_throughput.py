@@ -26,12 +26,13 @@ def spy(monkeypatch, module, name):
 
 
 def test_vs_runs_both_frameworks(capsys, monkeypatch):
-    from hyperiqa_jax import train
+    from hyperiqa_jax import cli, train
 
-    predicted = spy(monkeypatch, train, "predict_step")
-    assert throughput.main(["--vs", "--model", "micro", "--mode", "eval", "--batch", "1",
-                            "--repeats", "2", "--json"]) == 0
-    assert predicted  # the eval step is training's evaluation step
+    evaluated = spy(monkeypatch, train, "eval_step")
+    assert cli.call(throughput.main, ["--vs", "--model", "micro", "--mode", "eval", "--batch",
+                                      "1", "--repeats", "2", "--json"],
+                    define_flags=throughput.define_flags) == 0
+    assert evaluated  # the eval step is training's evaluation step
     result = json.loads(capsys.readouterr().out)
     assert set(result["frameworks"]) == {"jax", "torch"}
     jax_entry, torch_entry = result["frameworks"]["jax"], result["frameworks"]["torch"]
@@ -52,15 +53,17 @@ def test_vs_runs_both_frameworks(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_jax_runner_times_train_train_step(monkeypatch):
-    """The timed step is hyperiqa_jax.train's: its init_state and train_step are what get
-    traced, each call advances the state's step counter and updates the parameters."""
-    from hyperiqa_jax import train
+    """The timed step is the training code's: state.init_train_state and train.train_step
+    are what get traced, each call advances the state's step counter and updates the
+    parameters."""
+    from hyperiqa_jax import state, train
 
-    inits = spy(monkeypatch, train, "init_state")
+    inits = spy(monkeypatch, state, "init_train_state")
     steps = spy(monkeypatch, train, "train_step")
     config = throughput.model_config("micro", "float32")
     rng = np.random.RandomState(0)
-    runner = throughput.JaxRunner(config, "train", rng.randn(1, 224, 224, 3).astype(np.float32),
+    runner = throughput.JaxRunner(config, "train",
+                                  rng.randint(0, 256, (1, 224, 224, 3)).astype(np.uint8),
                                   np.array([50.0], np.float32))
     assert inits and steps
     before = jax.device_get(runner.state["params"])  # the state is donated: a host copy
