@@ -1,4 +1,4 @@
-"""Ablation A1: Swin-B, four-stage fusion, no attention (plain concatenation).
+r"""Ablation A1: Swin-B, four-stage fusion, no attention (plain concatenation).
 
     python -m hyperiqa_jax.train --config configs/ablation_multiscale.py \
         --workdir runs/a1 --config.data.root=/data/koniq10k \

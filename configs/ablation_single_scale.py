@@ -1,4 +1,4 @@
-"""Ablation A2: Swin-B, stage 3 alone into the hyper network, no attention.
+r"""Ablation A2: Swin-B, stage 3 alone into the hyper network, no attention.
 
     python -m hyperiqa_jax.train --config configs/ablation_single_scale.py \
         --workdir runs/a2 --config.data.root=/data/koniq10k \

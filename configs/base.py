@@ -1,4 +1,4 @@
-"""E6, the seed's best model: Swin-B, four-stage fusion, channel attention.
+r"""E6, the seed's best model: Swin-B, four-stage fusion, channel attention.
 
     python -m hyperiqa_jax.train --config configs/base.py --workdir runs/base \
         --config.data.root=/data/koniq10k \

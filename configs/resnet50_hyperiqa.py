@@ -1,4 +1,4 @@
-"""Baseline C0: the original HyperIQA (Su et al., CVPR 2020) with a ResNet-50 backbone.
+r"""Baseline C0: the original HyperIQA (Su et al., CVPR 2020) with a ResNet-50 backbone.
 
 LDA from layer1..layer4, hyper input = layer4 alone (2048 -> 1024 -> 512 -> 112),
 no attention, no dropout / stochastic depth (the original has none). BatchNorm

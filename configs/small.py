@@ -1,4 +1,4 @@
-"""E6 with a Swin-S backbone (drop path 0.25, dropout 0.35).
+r"""E6 with a Swin-S backbone (drop path 0.25, dropout 0.35).
 
     python -m hyperiqa_jax.train --config configs/small.py --workdir runs/small \
         --config.data.root=/data/koniq10k \

@@ -1,4 +1,4 @@
-"""The released SMART-IQA model: Swin-B, four-stage fusion weighted by scale attention.
+r"""The released SMART-IQA model: Swin-B, four-stage fusion weighted by scale attention.
 
 Scale attention = softmax over the four stages from stage 3's global average
 (Linear 1024->256, ReLU, Dropout 0.5, Linear 256->4), as in the public

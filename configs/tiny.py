@@ -1,4 +1,4 @@
-"""E6 with a Swin-T backbone (drop path 0.2, dropout 0.3).
+r"""E6 with a Swin-T backbone (drop path 0.2, dropout 0.3).
 
     python -m hyperiqa_jax.train --config configs/tiny.py --workdir runs/tiny \
         --config.data.root=/data/koniq10k \
