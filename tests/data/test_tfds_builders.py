@@ -12,7 +12,7 @@ from PIL import Image
 
 from hyperiqa_jax.cli import ConfigError
 from hyperiqa_jax.data.image import load_image
-from hyperiqa_jax.data.pipeline import average_by_image, make_eval_batches, make_train_dataset
+from hyperiqa_jax.data.pipeline import make_eval_batches, make_train_dataset
 from hyperiqa_jax.data.records import load_records
 from hyperiqa_jax.data.sources import load_split, split_scores
 from hyperiqa_jax.data.tfds_builders import TfdsSource, build_tfds, load_tfds_source
@@ -41,8 +41,8 @@ def test_build_and_read_manifest(tmp_path):
     a = list(make_eval_batches(test_src, data_config(), batch_size=6))
     b = list(make_eval_batches(file_recs, data_config(), batch_size=6))
     np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
-    avg = average_by_image(np.zeros(6), a[0]["image_index"], a[0]["valid"], len(recs))
-    assert avg.shape == (2,)
+    np.testing.assert_array_equal(a[0]["image_index"], b[0]["image_index"])
+    assert len(recs) == 2 and a[0]["valid"].sum() == 2 * 3  # 2 images x 3 test crops
     with pytest.raises(ValueError, match="has splits"):
         load_tfds_source(builder_dir, "val")
 
