@@ -49,7 +49,8 @@ TRAIN_DEFAULTS = dict(
     final_eval=True,         # evaluate after the last step (the demo evaluates afterwards instead).
 )
 # Model keys build_model reads with defaults (not in configs/common.py).
-OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout", "small_target_init")
+OPTIONAL_MODEL_KEYS = ("hyper_feature_widths", "attention_dropout", "small_target_init",
+                       "attention_gate_bias")
 
 DOWNLOAD_HINT = (
     "Converted backbone weights are an Orbax params directory. Download the timm "

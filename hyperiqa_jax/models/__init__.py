@@ -61,6 +61,7 @@ def build_model(model_config) -> HyperIQA:
         feature_size=int(model_config.feature_size),
         dropout=float(model_config.dropout),
         attention_dropout=float(model_config.get("attention_dropout", 0.5)),
+        attention_gate_bias=float(model_config.get("attention_gate_bias", 0.0)),
         small_target_init=bool(model_config.get("small_target_init", False)),
         dtype=compute_dtype(model_config),
     )
