@@ -37,6 +37,8 @@ def model_config(size="base"):
     m.hyper_feature_widths = ()    # 1x1 convs before hyper_in_feat; () = (512, 256) for Swin,
                                    # (1024, 512) for ResNet-50 (the original HyperIQA).
     m.attention_dropout = 0.5      # scale attention's dropout (the SMART-IQA release).
+    m.attention_gate_bias = 0.0    # channel gate's initial logit bias; 0 = PyTorch's (gate 0.5),
+                                   # the demo's 5 starts the gate near identity (0.993).
     m.small_target_init = False    # generated target-net weights start small (the demo's choice).
     return m
 

@@ -56,6 +56,7 @@ def build_model(model_config) -> HyperIQA:
         feature_size=int(model_config.feature_size),
         dropout=float(model_config.dropout),
         attention_dropout=float(model_config.attention_dropout),
+        attention_gate_bias=float(model_config.attention_gate_bias),
         small_target_init=bool(model_config.small_target_init),
         dtype=compute_dtype(model_config),
     )

@@ -87,9 +87,17 @@ class LocalDistortionAware(nn.Module):
 
 
 class ChannelAttention(nn.Module):
-    """Squeeze-excitation over the fused channels (the seed's E6 design)."""
+    """Squeeze-excitation over the fused channels (the seed's E6 design).
+
+    `gate_bias` is the initial bias of the `expand` layer, i.e. the gate's logit
+    before the squeezed features move it: 0 (the default, as in PyTorch) starts
+    the gate at sigmoid(0) = 0.5, which halves the fused features; training from
+    scratch (the demo) starts it near identity instead, e.g. 3 -> sigmoid 0.95.
+    Only the initial value changes; the parameters and the computation do not.
+    """
 
     reduction: int = 4
+    gate_bias: float = 0.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -98,8 +106,9 @@ class ChannelAttention(nn.Module):
         squeezed = x.mean(axis=(1, 2))
         hidden = nn.relu(nn.Dense(channels // self.reduction, dtype=self.dtype,
                                   name="reduce")(squeezed))
-        weights = nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name="expand")(hidden)
-                             .astype(jnp.float32))
+        expand = nn.Dense(channels, dtype=self.dtype,
+                          bias_init=nn.initializers.constant(self.gate_bias), name="expand")
+        weights = nn.sigmoid(expand(hidden).astype(jnp.float32))
         return x * weights[:, None, None, :].astype(x.dtype), weights
 
 
@@ -231,6 +240,7 @@ class HyperIQA(nn.Module):
     attention_reduction: int = 4
     attention_hidden: int = 256
     attention_dropout: float = 0.5
+    attention_gate_bias: float = 0.0
     small_target_init: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -258,7 +268,8 @@ class HyperIQA(nn.Module):
         else:
             fused = jnp.concatenate(pooled_maps, axis=-1)
             if self.attention == "channel":
-                fused, attention = ChannelAttention(self.attention_reduction, self.dtype,
+                fused, attention = ChannelAttention(self.attention_reduction,
+                                                    self.attention_gate_bias, self.dtype,
                                                     name="attention")(fused)
 
         hyper_in_feat, weights, biases = HyperNetwork(

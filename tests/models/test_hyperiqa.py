@@ -18,6 +18,7 @@ from configs.common import model_config
 from hyperiqa_jax.models import build_model
 from hyperiqa_jax.models.hyperiqa import (
     BatchedTargetNetwork,
+    ChannelAttention,
     HyperNetwork,
     TargetNetwork,
     adaptive_avg_pool,
@@ -291,3 +292,31 @@ def test_small_target_init_starts_unsaturated_with_a_zero_output_weight():
     _, default_weights, _ = default.apply(default.init(jax.random.key(0), fused, train=False),
                                           fused, train=False)
     assert float(jnp.std(default_weights[0])) > 5 * float(jnp.std(weights[0]))
+
+
+def test_attention_gate_bias_sets_the_initial_gate_and_defaults_to_pytorch_init():
+    fused = jnp.asarray(np.random.RandomState(0).randn(2, 7, 7, 40), jnp.float32)
+    default = ChannelAttention().init(jax.random.key(0), fused)
+    biased = ChannelAttention(gate_bias=3.0).init(jax.random.key(0), fused)
+    # Same parameters, same random values; only the expand layer's bias starts elsewhere.
+    flat_default = traverse_util.flatten_dict(default)
+    flat_biased = traverse_util.flatten_dict(biased)
+    assert flat_default.keys() == flat_biased.keys()
+    for key, value in flat_default.items():
+        if key[-2:] == ("expand", "bias"):
+            np.testing.assert_array_equal(value, 0.0)  # PyTorch's zero-initialised gate
+            np.testing.assert_array_equal(flat_biased[key], 3.0)
+        else:
+            np.testing.assert_array_equal(value, flat_biased[key])
+    # With nothing squeezed the gate is its bias: sigmoid(0) = 0.5 by default, sigmoid(3) here.
+    zeros = jnp.zeros_like(fused)
+    _, gate = ChannelAttention().apply(default, zeros)
+    np.testing.assert_allclose(gate, 0.5)
+    _, gate = ChannelAttention(gate_bias=3.0).apply(biased, zeros)
+    np.testing.assert_allclose(gate, 1 / (1 + np.exp(-3.0)), rtol=1e-6)
+    _, gate = ChannelAttention(gate_bias=3.0).apply(biased, fused)
+    assert float(gate.mean()) > 0.9  # near identity at init on real features too
+
+    assert build_model(small_model_config()).attention_gate_bias == 0.0
+    model = build_model(small_model_config(attention_gate_bias=3.0))
+    assert model.attention_gate_bias == 3.0
