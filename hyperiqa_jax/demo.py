@@ -11,7 +11,9 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
    PLCC, the wall time, and where the figures and checkpoints are.
 """
 
+import csv
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -68,11 +70,31 @@ def run_demo(config, workdir, restart=False):
     else:  # a constant prediction has no rank correlation
         print(f"Demo: test SRCC and PLCC undefined: the model gives all {r['num_images']} test "
               f"images the same score (step {summary['step']}); it has not learned.")
+    per_distortion = distortion_srcc(root, workdir / "eval" / f"predictions_demo_"
+                                     f"{config.data.test_split}.csv")
+    print("SRCC per distortion: " + ", ".join(f"{k} {v:.2f}" for k, v in per_distortion.items()))
     print(f"Wall time {wall:.0f}s: data {t_data:.0f}s, training {t_train:.0f}s, "
           f"evaluation {time.time() - t1:.0f}s. Figures in {workdir / 'eval'}; score your own "
           f"images with: python -m hyperiqa_jax.predict --checkpoint {workdir} PATH...")
     return {"srcc": r["srcc"], "plcc": r["plcc"], "wall_seconds": wall, "summary": summary,
-            "results": results}
+            "results": results, "srcc_per_distortion": per_distortion}
+
+
+def distortion_srcc(root, predictions_csv):
+    """{distortion: SRCC} over the test images, from evaluate's predictions file."""
+    from scipy import stats
+
+    with open(Path(root) / "manifest.csv", newline="") as f:
+        kind = {os.path.normpath(os.path.join(root, row["path"])): row["distortion"]
+                for row in csv.DictReader(f)}
+    by_kind = {}
+    with open(predictions_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["prediction"]:
+                pairs = by_kind.setdefault(kind[os.path.normpath(row["path"])], ([], []))
+                pairs[0].append(float(row["prediction"]))
+                pairs[1].append(float(row["mos"]))
+    return {k: float(stats.spearmanr(*by_kind[k])[0]) for k in sorted(by_kind)}
 
 
 def main(argv):

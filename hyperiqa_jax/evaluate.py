@@ -7,11 +7,13 @@ r"""Evaluates a checkpoint on one or more data sets (zero-shot cross-data-set ta
 `--data NAME[:SPLIT]=ROOT`: NAME is one of koniq10k, spaq, kadid10k, agiqa3k,
 livec, manifest, demo; SPLIT defaults to `all` (every image: zero-shot). Writes
 `results.md` and `results.json` (SRCC / PLCC / KRCC / RMSE / PLCC after the
-logistic fit, per data set), and figures: predicted vs MOS scatter per data
+logistic fit, per data set), `predictions_<data>_<split>.csv` (path, MOS and
+prediction per image), and figures: predicted vs MOS scatter per data
 set, attention weights by quality bin, and the training curves of the run's
 `metrics.jsonl` when the checkpoint sits in a training workdir.
 """
 
+import csv
 import difflib
 import json
 import math
@@ -88,7 +90,17 @@ def evaluate_dataset(model, name, split, root, *, seed=0):
         result["failed_examples"] = dict(list(errors.items())[:5])
     att = None if any(a is None for a, k in zip(attention, ok) if k) else np.stack(
         [a for a, k in zip(attention, ok) if k])
+    result["predictions"] = [(r.path, r.score, p) for r, p in zip(records, preds)]
     return result, preds[ok], mos[ok], att
+
+
+def write_predictions(rows, path):
+    """predictions_<data>_<split>.csv: path, mos, prediction per image (empty if it failed)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "mos", "prediction"])
+        for image, mos, pred in rows:
+            writer.writerow([image, f"{mos:.6g}", f"{pred:.6f}" if math.isfinite(pred) else ""])
 
 
 def markdown_table(results):
@@ -208,6 +220,7 @@ def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch
         result, pred, mos, att = evaluate_dataset(model, name, split, root)
         result["checkpoint"] = model.source
         tag = f"{name}_{split}".replace(":", "_").replace("/", "_")
+        write_predictions(result.pop("predictions"), out / f"predictions_{tag}.csv")
         if len(pred) > 1:
             plot_scatter(pred, mos, result, out / f"scatter_{tag}.png")
         if att is not None and len(pred) >= bins:

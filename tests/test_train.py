@@ -1,5 +1,6 @@
 """Training loop: config errors, sharded step, loss falls, preemption + exact resume."""
 
+import functools
 import importlib
 import json
 import os
@@ -229,6 +230,22 @@ def test_demo_entry_point_runs_end_to_end(tmp_path, demo_root, capsys):
     result = demo.run_demo(c, tmp_path / "run")
     out = capsys.readouterr().out
     assert "[3/3]" in out and "Demo: test SRCC" in out and "Wall time" in out
+    assert "SRCC per distortion" in out
+    # The per-distortion SRCC: scipy's on evaluate's per-image predictions of that kind.
+    import csv
+
+    from scipy import stats
+    with open(os.path.join(demo_root, "manifest.csv"), newline="") as f:
+        kinds = {os.path.normpath(os.path.join(demo_root, r["path"])): r["distortion"]
+                 for r in csv.DictReader(f)}
+    with open(tmp_path / "run" / "eval" / "predictions_demo_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for kind, srcc in result["srcc_per_distortion"].items():
+        mine = [r for r in rows if kinds[os.path.normpath(r["path"])] == kind]
+        expected = stats.spearmanr([float(r["prediction"]) for r in mine],
+                                   [float(r["mos"]) for r in mine])[0]
+        assert srcc == pytest.approx(expected, abs=1e-12) or (np.isnan(srcc) and np.isnan(
+            expected)), kind
     assert result["summary"]["step"] > 0 and result["results"][0]["num_images"] > 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and not [r for r in rows if r["split"] == "test"]
@@ -280,18 +297,18 @@ def test_step_normalises_uint8_crops_as_the_host_did():
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
     scores = np.array([10.0, 40.0, 60.0, 90.0], np.float32)
-    loss, _, _ = train.loss_and_grads(variables["params"], None, {"image": crops, "score": scores},
-                                      jax.random.PRNGKey(2), model=model, train_config=c.train,
-                                      label_stats=(50.0, 20.0))
+    loss_and_grads = jax.jit(functools.partial(train.loss_and_grads, model=model,
+                                               train_config=c.train, label_stats=(50.0, 20.0)))
+    loss, _, _ = loss_and_grads(variables["params"], None, {"image": crops, "score": scores},
+                                jax.random.PRNGKey(2))
     # The host path before this change: (x / 255 - mean) / std in float64, then float32.
     host = ((crops / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD).astype(np.float32)
     out = model.apply(variables, host, train=False)["score"]
     expected = train.score_loss(out, (scores - 50.0) / 20.0, c.train)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(TypeError, match="uint8"):
-        train.loss_and_grads(variables["params"], None, {"image": host, "score": scores},
-                             jax.random.PRNGKey(2), model=model, train_config=c.train,
-                             label_stats=(50.0, 20.0))
+        loss_and_grads(variables["params"], None, {"image": host, "score": scores},
+                       jax.random.PRNGKey(2))
 
 
 def test_check_config_does_not_change_the_config():
