@@ -16,7 +16,8 @@ Resize((512, 384)), 20 crops per image per epoch:
                 stored pre-resized to 512x384 (`build_tfds(..., resize=...)`);
 - loop:         threads, consumed the way the training loop consumes them
                 (`DeviceBatches`: global arrays, DEVICE_PREFETCH ahead, a jitted step
-                that reads every batch); goal: >= 95% of `threads` crops/s;
+                per batch that depends on it but computes almost nothing); goal:
+                >= 95% of `threads` crops/s;
 - reference:    the original PyTorch way: every image listed 20 times, each
                 sample decodes the JPEG, then flip, Resize, RandomCrop, ToTensor,
                 Normalize; torch DataLoader(shuffle=True, num_workers=--workers).
@@ -159,8 +160,10 @@ def timed_loop(stream, settings):
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     batches = device.DeviceBatches(stream, NamedSharding(mesh, P("data")))
-    # A step that needs every byte of the batch, and no more time than that.
-    step = jax.jit(lambda total, b: total + jnp.sum(b["image"], dtype=jnp.int32))
+    # A step that depends on the batch (so its transfer must finish) but computes almost
+    # nothing: what is measured is the loop's own cost, not a model's (on the CPU the
+    # "device" shares the decoding threads' cores).
+    step = jax.jit(lambda total, b: total + b["image"][-1, -1, -1, -1].astype(jnp.int32))
     total = [jnp.zeros((), jnp.int32)]
 
     def consume(batch):
