@@ -229,24 +229,19 @@ def check_files_exist(paths: list[str], rows: list[int], label_path: str, column
 # --------------------------------------------------------------------------- split sources
 
 
-def _cfg(data_config, key: str, default):
-    value = (data_config.get(key, default) if hasattr(data_config, "get")
-             else getattr(data_config, key, default))
-    return default if value is None else value
-
-
 def load_split(data_config, split: str, *, seed: int = 0):
     """The images of `split` (any `load_records` split) for `data_config`.
 
-    data_config.tfds_dir '' (or absent): the data set's files under data_config.root
-    (name, root, label read), a list of Records in label-file order. Otherwise the
-    array_record data set that `build_tfds` wrote there (its data_dir or the builder
+    data_config: a configs/common.py data section. tfds_dir '': the data set's
+    files under data_config.root (name, root, label read), a list of Records in
+    label-file order. Otherwise the array_record data set that `build_tfds` wrote
+    there (its data_dir or the builder
     folder): a `TfdsSource`, after checking that it was built for this config
     (data set, label, resize of pre-resized images, `seed` of random splits).
     Both go to make_train_dataset / make_eval_batches as they are; their labels are
     `split_scores(source)`. seed: of random splits (train.py passes config.seed).
     """
-    tfds_dir = _cfg(data_config, "tfds_dir", "")
+    tfds_dir = data_config.tfds_dir
     if tfds_dir:
         from hyperiqa_jax.data.tfds_builders import load_tfds_source
 
@@ -255,7 +250,7 @@ def load_split(data_config, split: str, *, seed: int = 0):
     from hyperiqa_jax.data.records import load_records
 
     return load_records(data_config.name, data_config.root, split,
-                        label=_cfg(data_config, "label", "") or None, seed=seed)
+                        label=data_config.label or None, seed=seed)
 
 
 def split_scores(source) -> np.ndarray:
