@@ -177,9 +177,9 @@ class QualityModel:
         """
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], Record):
             source = pipeline.as_source(images)
-        elif hasattr(images, "__getitem__") and not isinstance(images, (list, tuple)):
-            source = images  # a data source such as TfdsSource
-        else:
+        elif hasattr(images, "records"):  # a TfdsSource: items are already (bytes, score, name)
+            source = images
+        else:  # paths, bytes or arrays, including the images of one [N, H, W, 3] array
             source = _ImageList(list(images))
         errors = {}
         data_config = self.config.data.copy_and_resolve_references()

@@ -42,6 +42,9 @@ def test_scores_paths_and_arrays_deterministically(workdir, images):
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]  # PNG: lossless
     np.testing.assert_allclose(model.score(arrays), scores, rtol=1e-6)
     np.testing.assert_allclose(model.score(images[2]), scores[2:3], rtol=1e-6)
+    # One [N, H, W, 3] array is N images, as a list of them is.
+    same_size = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images[:3]])
+    np.testing.assert_allclose(model.score(same_size), scores[:3], rtol=1e-6)
 
 
 def test_batch_size_does_not_change_scores(workdir, images):
