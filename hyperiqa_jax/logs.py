@@ -9,6 +9,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from hyperiqa_jax.data.sources import is_url
+
 
 def quiet_library_logs():
     """Orbax logs every save and restore at INFO: show warnings only, unless -v/--verbosity."""
@@ -29,7 +31,7 @@ class MetricWriter:
         if not self.enabled:
             return
         self.path = epath.Path(workdir) / "metrics.jsonl"
-        self.remote = "://" in str(workdir)
+        self.remote = is_url(workdir)
         self.lines = []
         if self.remote and self.path.exists():  # a resumed run keeps the earlier rows
             self.lines = self.path.read_text().splitlines(keepends=True)

@@ -43,6 +43,7 @@ from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.config_checks import check_config, eval_batch_size
 from hyperiqa_jax.data import device
 from hyperiqa_jax.data.image import normalize
+from hyperiqa_jax.data.sources import is_url
 from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable, quiet_library_logs
 
 # ----------------------------------------------------------------------------
@@ -61,8 +62,7 @@ def _config_to_json(config):
 
 def workdir_path(workdir):
     """The workdir as an epath.Path: local paths made absolute, `gs://...` kept."""
-    path = epath.Path(workdir)
-    return path if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+    return epath.Path(workdir if is_url(workdir) else os.path.abspath(workdir))
 
 
 # ----------------------------------------------------------------------------
@@ -235,9 +235,7 @@ def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir)
     if not same_layout:
         _log(f"Checkpoint written by another process count: skipping {step} batches of the "
              "input to its position")
-        for _ in range(step):
-            next(batches.host_iter)
-        batches.position = batches.host_iter.get_state()
+        batches.skip(step)
     if not np.allclose(tuple(meta["label_mean_std"]), label_stats):
         raise UserError(f"the training labels changed since the checkpoint in {workdir} was "
                         "written: use a new --workdir, or the data it was trained on")
@@ -479,7 +477,7 @@ def define_flags():
 
 def check_workdir(workdir):
     """A workdir must be a folder or not exist yet (it is created)."""
-    if "://" in str(workdir):
+    if is_url(workdir):
         return  # a bucket path: Orbax creates it
     path = epath.Path(os.path.abspath(workdir))
     for parent in (path, *path.parents):

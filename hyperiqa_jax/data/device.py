@@ -39,6 +39,12 @@ class DeviceBatches:
         batch, self.position = self.queue.popleft()
         return batch
 
+    def skip(self, count):
+        """Moves the data position `count` host batches on (before the first batch is read)."""
+        for _ in range(count):
+            next(self.host_iter)
+        self.position = self.host_iter.get_state()
+
     def get_state(self) -> bytes:
         return json.dumps(self.position).encode()
 
