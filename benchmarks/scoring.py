@@ -25,13 +25,18 @@ One run does everything, in this order:
 5. a one-image-at-a-time JAX loop, the way pyiqa scores a folder: for each
    file, decode and preprocess it, run the model on its crops (one call), read
    the score back;
-6. the same loop with the PyTorch reference
+6. the work apart: decoding and cropping every file, and the model alone on
+   crops already in memory (those of the first 8 images), one image per call
+   and `--batch_size` rows per call. A scorer of the same crops cannot beat
+   the model's own time, so the JAX loop's time per image over the model's
+   alone bounds what batching can gain on this machine (the "ceiling" ratio);
+7. the same loop with the PyTorch reference
    (weights_conversion/torch_reference.py) holding the checkpoint's weights,
    on the very same crops, with as many threads as there are CPUs: the
    PyTorch baseline. Its scores are compared with the JAX loop's, a float32
    sanity check of the whole comparison.
 
-Each in-process timing (4-6) runs whole passes over the folder, after its
+Each in-process timing (4-7) runs whole passes over the folder, after its
 warm-up, until at least `--min_seconds` have passed; the predict CLI gets the
 folder as often as that takes on its command line. Reported per method:
 images, seconds, images/s (= images / seconds); ratios of the predict CLI and
@@ -68,6 +73,8 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("nano", "micro", "tiny", "small", "base")
 GOAL_PREDICT_VS_JAX_LOOP = 3.0
+WORK_IMAGES = 8  # images whose crops are held in memory to time the model alone
+WORK_RUNS = ("decode_only", "model_only_one_image", "model_only_batched")  # the work apart
 # Rows of the predict CLI's CSV that arrive within this many seconds of each other
 # left the model in one batch (the CLI writes a batch's rows at once).
 SAME_BATCH_S = 0.005
@@ -551,7 +558,26 @@ def benchmark(workdir):
     print(f"JAX one image at a time: {runs['jax_per_image']['images_per_s']:.2f} images/s",
           flush=True)
 
-    # 6. One image at a time, PyTorch reference (last: its threads may spin after use).
+    # 6. The work every scorer of these crops does, timed apart: decoding and cropping, and
+    # the model alone on crops already in memory, one image per call and `--batch_size` rows
+    # per call. Scoring an image cannot take less than the model's time on its crops, so
+    # loop time / model time bounds what any batching can gain over the loop.
+    runs["decode_only"], _ = timed_passes(lambda: [len(crops(p)) for p in paths], count,
+                                          FLAGS.min_seconds)
+    held = [crops(p) for p in paths[:WORK_IMAGES]]
+    runs["model_only_one_image"], _ = timed_passes(
+        lambda: [np.asarray(forward(variables, x)).sum() for x in held], len(held),
+        FLAGS.min_seconds)
+    rows = np.concatenate(held * -(-FLAGS.batch_size // (len(held) * num_crops)))
+    rows = rows[:FLAGS.batch_size]
+    np.asarray(forward(variables, rows))  # compile the batch shape
+    runs["model_only_batched"], _ = timed_passes(
+        lambda: np.asarray(forward(variables, rows)).sum(), len(rows) / num_crops,
+        FLAGS.min_seconds)
+    for name in WORK_RUNS:
+        print(f"{LABELS[name]}: {runs[name]['images_per_s']:.2f} images/s", flush=True)
+
+    # 7. One image at a time, PyTorch reference (last: its threads may spin after use).
     # The reference builds timm's Swin: a backbone with the demo's own stem (stem_channels,
     # patch_norm=False) has no PyTorch counterpart, so that comparison is skipped.
     unsupported = sorted({"stem_channels", "patch_norm"}
@@ -595,6 +621,13 @@ def benchmark(workdir):
                                                    get("torch_per_image")),
         "jax_per_image_vs_torch_per_image": _ratio(get("jax_per_image"),
                                                    get("torch_per_image")),
+        # The most any scorer of the same crops can gain over the JAX loop on this machine:
+        # the loop's time per image over the model's alone at its best batch.
+        "ceiling_vs_jax_per_image": _ratio(
+            max(runs["model_only_one_image"], runs["model_only_batched"],
+                key=lambda r: r["images_per_s"]), get("jax_per_image")),
+        "model_batched_vs_one_image": _ratio(get("model_only_batched"),
+                                             get("model_only_one_image")),
     }
     ratio = result["ratios"]["predict_cli_vs_jax_per_image"]
     result["goal"] = {"predict_cli_vs_jax_per_image": GOAL_PREDICT_VS_JAX_LOOP,
@@ -619,6 +652,9 @@ def benchmark(workdir):
 
 LABELS = {"predict_cli": "predict CLI (end to end)", "quality_model": "QualityModel.score",
           "jax_per_image": "JAX, one image at a time",
+          "decode_only": "decode and crop only",
+          "model_only_one_image": "model only, one image per call",
+          "model_only_batched": "model only, batch_size rows",
           "torch_per_image": "PyTorch, one image at a time"}
 
 
@@ -641,12 +677,14 @@ def format_table(result):
                 extra += f", then {run['after_first_batch_images_per_s']:.2f} images/s"
         elif key == "quality_model":
             extra = f"load {run['load_s']:.1f} s, first call {run['warmup_s']:.1f} s"
+        elif key in WORK_RUNS:
+            extra = "the work apart"
         elif key == "torch_per_image":
             extra = (f"build {run['build_s']:.1f} s, first image {run['warmup_s']:.2f} s, "
                      f"{run['threads']} threads")
         else:
             extra = f"first image {run['warmup_s']:.1f} s"
-        lines.append(f"{label:<32} {run['images']:>7} {run['seconds']:>9.2f} "
+        lines.append(f"{label:<32} {run['images']:>7.0f} {run['seconds']:>9.2f} "
                      f"{run['images_per_s']:>9.2f}  {extra}")
     lines.append("ratios (images/s):")
     for key, value in result["ratios"].items():

@@ -18,7 +18,8 @@ from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 6
-RUNS = ("predict_cli", "quality_model", "jax_per_image", "torch_per_image")
+SCORERS = ("predict_cli", "quality_model", "jax_per_image", "torch_per_image")
+RUNS = SCORERS + scoring.WORK_RUNS
 # JAX against the PyTorch reference, both float32 on the same crops: 1.1e-6 to 3.0e-6 measured
 # on this setting over four runs (scores 64-69, whose float32 spacing is 7.6e-6); 1e-4 is the
 # score tolerance of the project's parity tests (tests/weights_conversion/
@@ -70,10 +71,15 @@ def test_json_structure(run):
 
 def test_counts_and_rates_are_consistent(run):
     result, _, _ = run
+    # The model alone runs on the crops of the first WORK_IMAGES images, or on batch_size rows
+    # of them (64 rows of 4 crops: 16 images' worth per call).
+    images_per_pass = dict.fromkeys(SCORERS + ("decode_only",), NUM_IMAGES)
+    images_per_pass["model_only_one_image"] = min(scoring.WORK_IMAGES, NUM_IMAGES)
+    images_per_pass["model_only_batched"] = 64 / 4
     for name in RUNS:
         r = result["runs"][name]
         assert r["passes"] == 1  # --min_seconds 0: one pass over the folder
-        assert r["images"] == NUM_IMAGES * r["passes"]
+        assert r["images"] == images_per_pass[name] * r["passes"]
         assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"], rel=1e-12)
         if "pass_seconds" in r:
             assert r["seconds"] == pytest.approx(sum(r["pass_seconds"]), rel=1e-12)
@@ -94,6 +100,10 @@ def test_counts_and_rates_are_consistent(run):
         rate["quality_model"] / rate["jax_per_image"])
     assert ratios["jax_per_image_vs_torch_per_image"] == pytest.approx(
         rate["jax_per_image"] / rate["torch_per_image"])
+    assert ratios["ceiling_vs_jax_per_image"] == pytest.approx(
+        max(rate["model_only_one_image"], rate["model_only_batched"]) / rate["jax_per_image"])
+    assert ratios["model_batched_vs_one_image"] == pytest.approx(
+        rate["model_only_batched"] / rate["model_only_one_image"])
     assert result["goal"]["met"] == (ratios["predict_cli_vs_jax_per_image"] >= 3.0)
 
 
@@ -101,7 +111,7 @@ def test_scores_agree(run):
     result, _, work = run
     sc = result["scores"]
     per = {k: np.asarray(v) for k, v in sc["per_image"].items()}
-    assert set(per) == set(RUNS) and all(len(v) == NUM_IMAGES for v in per.values())
+    assert set(per) == set(SCORERS) and all(len(v) == NUM_IMAGES for v in per.values())
     assert len(sc["paths"]) == NUM_IMAGES
     # The reported differences are those of the per-image scores.
     assert sc["max_abs_diff_jax_vs_torch"] == pytest.approx(
