@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --framework jax --model tiny --mode eval --batch 8
     python -m benchmarks.throughput --vs --model base --mode train --batch 8 --repeats 5
     python -m benchmarks.throughput --vs --model tiny --mode eval --batch 8 --json
+    python -m benchmarks.throughput --model demo --mode train --repeats 10 --steps_per_call 20
 
 `--vs` runs both frameworks in one process, alternating one timed call of each
 so both see the same machine load, and prints the JAX/torch ratio per pair and
@@ -32,8 +33,10 @@ import numpy as np
 from absl import app, flags
 
 # "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
-# per image), for smoke tests and the GPU check's CPU dry run.
-MODELS = ("micro", "tiny", "small", "base")
+# per image), for smoke tests and the GPU check's CPU dry run. "demo": configs/demo.py, the
+# model `make demo` trains (JAX only: the PyTorch reference has no local-energy stem); its
+# train step at batch 8 times `steps` is most of the demo's wall time.
+MODELS = ("micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
 
 # Dense peak FLOP/s by device kind (vendor figures), for MFU. float32 matmuls run as TF32 on
@@ -56,7 +59,8 @@ def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
 
 def model_config(size: str, dtype: str):
     """configs/<size>.py with the compute dtype set explicitly (the default may be "auto")."""
-    config = importlib.import_module(f"configs.{'tiny' if size == 'micro' else size}").get_config()
+    name = {"micro": "tiny"}.get(size, size)
+    config = importlib.import_module(f"configs.{name}").get_config()
     config.model.dtype = dtype
     if size == "micro":
         config.model.backbone_overrides.update(MICRO_BACKBONE)
@@ -242,8 +246,8 @@ def define_flags(flag_values=None):
     flags.DEFINE_bool("vs", False, "Time jax and torch alternately in this process; print the "
                       "JAX/torch ratio per pair and their median.", **fv)
     flags.DEFINE_enum("model", "tiny", list(MODELS), "Swin-T, Swin-S or Swin-B backbone in the "
-                      "E6 model (micro: a narrow one-block-per-stage Swin-T, for smoke tests).",
-                      **fv)
+                      "E6 model (micro: a narrow one-block-per-stage Swin-T, for smoke tests; "
+                      "demo: configs/demo.py, JAX only).", **fv)
     flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: forward only; train: forward, "
                       "backward and AdamW update.", **fv)
     flags.DEFINE_integer("batch", 8, "Images (224x224) per call.", **fv)
@@ -270,6 +274,9 @@ def main(argv, flag_values=None) -> int:
         torch.set_num_threads(args.threads)
     config = model_config(args.model, args.dtype)
     frameworks = ("jax", "torch") if args.vs else (args.framework,)
+    if args.model == "demo" and "torch" in frameworks:
+        raise app.UsageError("the PyTorch reference has no counterpart of the demo's "
+                             "local-energy stem: time --model demo with --framework jax")
     torch_options = {"compile": args.torch_compile, "layout": args.torch_layout}
     runners, warmup = {}, {}
     for name in frameworks:

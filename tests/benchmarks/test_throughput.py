@@ -87,6 +87,17 @@ def test_model_config_sets_the_dtype():
     assert config.model.dtype == "bfloat16"
     assert dict(config.model.backbone_overrides)["depths"] == (1, 1, 1, 1)
     assert throughput.model_config("base", "float32").model.dtype == "float32"
+    demo = throughput.model_config("demo", "float32")
+    assert demo.data.name == "demo" and dict(demo.model.backbone_overrides)["stem_channels"] > 0
+
+
+def test_demo_model_is_jax_only(capsys):
+    """The reference has no local-energy stem: asking for it is a usage error, not a crash."""
+    from hyperiqa_jax import cli
+
+    assert cli.call(throughput.main, ["--vs", "--model", "demo", "--mode", "train"],
+                    define_flags=throughput.define_flags) == 2
+    assert "--framework jax" in capsys.readouterr().err
 
 
 def test_peak_lookup():
