@@ -35,7 +35,7 @@ from absl import app, flags
 # "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
 # per image), for smoke tests and the GPU check's CPU dry run. "demo": configs/demo.py, the
 # model `make demo` trains (JAX only: the PyTorch reference has no local-energy stem); its
-# train step at batch 8 times `steps` is most of the demo's wall time.
+# train step at batch 8, times the demo's number of steps, is most of the demo's wall time.
 MODELS = ("micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
 
