@@ -41,16 +41,21 @@ Recipe (for a random-init model on 2 CPU cores; see "Measured" below):
   (random init: the backbone has to move as fast as the heads; with batches of
   16, 1e-3 worked and 1.5e-3 to 2e-3 gave an erratic loss).
 
-Measured, this recipe (E6, gate bias 5, 36 epochs = 4,212 steps; 2-core VM,
+Measured, this recipe (E6, gate bias 5, 26 epochs = 3,042 steps; 2-core VM,
 mimalloc, 2026-12-06), test SRCC / PLCC on the 360 test images of 5 unseen
-photographs: seed 0 (the default) 0.806 / 0.865, --config.seed=1 0.804 /
-0.858, --config.seed=2 0.783 / 0.853 (mean SRCC 0.798). Per distortion
-(seeds 0 / 1 / 2): noise 0.95 / 0.94 / 0.93, darken 0.77 / 0.80 / 0.81, blur
+photographs: seed 0 (the default) 0.799 / 0.868, --config.seed=1 0.794 /
+0.862, --config.seed=2 0.832 / 0.880 (mean SRCC 0.808). Per distortion
+(seeds 0 / 1 / 2): noise 0.95 / 0.92 / 0.94, darken 0.77 / 0.82 / 0.84, blur
+0.80 / 0.75 / 0.79, contrast 0.77 / 0.76 / 0.77, pixelate 0.73 / 0.66 / 0.70,
+JPEG 0.76 / 0.68 / 0.80. Fresh clone, empty caches: `make demo` 548 s wall
+(install and start-up ~37 s, data 13 s, training 472 s, evaluation 26 s),
+on a day this VM ran the train step at 0.14-0.16 s (0.107 s on 2026-12-02).
+With 36 epochs (4,212 steps, same day): 0.806 / 0.804 / 0.783 (mean 0.798),
+per distortion noise 0.95 / 0.94 / 0.93, darken 0.77 / 0.80 / 0.81, blur
 0.77 / 0.75 / 0.72, contrast 0.66 / 0.73 / 0.72, pixelate 0.88 / 0.81 / 0.72,
-JPEG 0.74 / 0.66 / 0.68. Fresh clone, empty caches: `make demo` 741 s wall
-(install ~41 s, data 15 s, training 660 s, evaluation 26 s) on a day this VM
-ran the train step ~1.5x slower than on 2026-12-02 (0.155-0.20 s against
-0.107 s per step).
+JPEG 0.74 / 0.66 / 0.68; fresh clone 741 s wall (training 660 s). With 8
+stem channels (a ~10% faster step) and 29 epochs, seed 0: 0.744 (blur 0.63,
+JPEG 0.56).
 With 34 epochs (3,978 steps, 2026-12-02): 0.805 / 0.738 / 0.796 (mean 0.7795,
 under the 0.78 goal); fresh clone 493 s wall (install ~36 s, data 14 s,
 training 424 s, evaluation 19 s). With 38 epochs, seed 0: 0.797. With 34
@@ -103,7 +108,7 @@ def get_config():
 
     t = config.train
     t.batch_size = 8
-    t.epochs = 26  # 3,042 steps: ~470 s of training here on 2026-12-06 (0.155 s/step)
+    t.epochs = 26  # 3,042 steps: 472 s of training here on 2026-12-06 (0.155 s/step)
     t.lr = 7e-4
     t.lr_ratio = 1.0
     t.weight_decay = 0.05
