@@ -580,8 +580,9 @@ def benchmark(workdir):
     # 7. One image at a time, PyTorch reference (last: its threads may spin after use).
     # The reference builds timm's Swin: a backbone with the demo's own stem (stem_channels,
     # patch_norm=False) has no PyTorch counterpart, so that comparison is skipped.
-    unsupported = sorted({"stem_channels", "patch_norm"}
-                         & set(dict(config.model.backbone_overrides or {})))
+    from benchmarks.throughput import jax_only_overrides
+
+    unsupported = jax_only_overrides(config.model)
     if FLAGS.torch and unsupported:
         result["torch_skipped"] = (f"the PyTorch reference has no counterpart of the "
                                    f"backbone overrides {unsupported}")

@@ -38,6 +38,9 @@ from absl import app, flags
 # train step at batch 8, times the demo's number of steps, is most of the demo's wall time.
 MODELS = ("micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
+# Backbone overrides that timm's Swin, and so the PyTorch reference, has no counterpart of:
+# the demo's local-energy stem and its missing patch LayerNorm.
+JAX_ONLY_OVERRIDES = ("stem_channels", "patch_norm")
 
 # Dense peak FLOP/s by device kind (vendor figures), for MFU. float32 matmuls run as TF32 on
 # these GPUs by default (jax_default_matmul_precision), and as bf16 passes on TPUs.
@@ -55,6 +58,11 @@ def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
         if key.lower() in device_kind.lower():
             return value
     return None
+
+
+def jax_only_overrides(model_config) -> list[str]:
+    """The model's backbone overrides the PyTorch reference cannot build (sorted; [] if none)."""
+    return sorted(set(JAX_ONLY_OVERRIDES) & set(dict(model_config.backbone_overrides or {})))
 
 
 def model_config(size: str, dtype: str):
@@ -274,9 +282,11 @@ def main(argv, flag_values=None) -> int:
         torch.set_num_threads(args.threads)
     config = model_config(args.model, args.dtype)
     frameworks = ("jax", "torch") if args.vs else (args.framework,)
-    if args.model == "demo" and "torch" in frameworks:
-        raise app.UsageError("the PyTorch reference has no counterpart of the demo's "
-                             "local-energy stem: time --model demo with --framework jax")
+    unsupported = jax_only_overrides(config.model)
+    if unsupported and "torch" in frameworks:
+        raise app.UsageError(f"the PyTorch reference has no counterpart of the backbone "
+                             f"overrides {unsupported}: time --model {args.model} with "
+                             f"--framework jax")
     torch_options = {"compile": args.torch_compile, "layout": args.torch_layout}
     runners, warmup = {}, {}
     for name in frameworks:

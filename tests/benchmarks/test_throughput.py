@@ -91,6 +91,13 @@ def test_model_config_sets_the_dtype():
     assert demo.data.name == "demo" and dict(demo.model.backbone_overrides)["stem_channels"] > 0
 
 
+def test_jax_only_overrides():
+    """What the PyTorch reference cannot build: the demo's stem, not the micro backbone."""
+    demo = throughput.model_config("demo", "float32")
+    assert throughput.jax_only_overrides(demo.model) == ["patch_norm", "stem_channels"]
+    assert throughput.jax_only_overrides(throughput.model_config("micro", "float32").model) == []
+
+
 def test_demo_model_is_jax_only(capsys):
     """The reference has no local-energy stem: asking for it is a usage error, not a crash."""
     from hyperiqa_jax import cli
