@@ -51,6 +51,12 @@ torch threads as cores, the PyTorch loop slows down many times over as soon as
 another process holds a core.
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import csv
 import importlib
 import io
@@ -739,7 +745,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)
     cli.run(main, define_flags=define_flags)

@@ -23,6 +23,12 @@ so on a GPU the host's dispatch of step k+1 overlaps step k, as in training;
 the reported time is per step.
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import importlib
 import json
 import resource
@@ -340,7 +346,6 @@ def main(argv, flag_values=None) -> int:
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)  # under mimalloc when run as a command (hyperiqa_jax/allocator.py)
     cli.run(main, define_flags=define_flags)

@@ -11,6 +11,12 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
    PLCC, the wall time, and where the figures and checkpoints are.
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import csv
 import math
 import os
@@ -110,8 +116,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)
     # Non-finite loss: its message says which checkpoint is good and what to change.
     cli.run(main, define_flags=define_flags, expected=(FloatingPointError,))

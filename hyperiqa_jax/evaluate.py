@@ -13,6 +13,12 @@ set, attention weights by quality bin, and the training curves of the run's
 `metrics.jsonl` when the checkpoint sits in a training workdir.
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import csv
 import difflib
 import json
@@ -258,7 +264,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)
     cli.run(main, define_flags=define_flags)

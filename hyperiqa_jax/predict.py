@@ -18,6 +18,12 @@ Exit status: 0 when every file was scored, 1 if any file failed, 2 for a usage
 error (no checkpoint there, no image files found, an output folder missing).
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import csv
 import glob
 import os
@@ -150,7 +156,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)
     cli.run(main, define_flags=define_flags)

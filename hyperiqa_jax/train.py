@@ -17,6 +17,12 @@ several processes each one reads and evaluates its own share of the images and
 process 0 alone writes logs.
 """
 
+from hyperiqa_jax import allocator
+
+# First of all: run as a command, this re-executes the process under mimalloc
+# (allocator.py), so nothing heavy may be imported before it.
+allocator.preload(__name__)
+
 import dataclasses
 import json
 import math
@@ -538,8 +544,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from hyperiqa_jax import allocator, cli
+    from hyperiqa_jax import cli
 
-    allocator.preload(__name__)
     # Non-finite loss: its message says which checkpoint is good and what to change.
     cli.run(main, define_flags=define_flags, expected=(FloatingPointError,))

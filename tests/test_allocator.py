@@ -60,3 +60,28 @@ def test_preload_re_executes_the_command_under_mimalloc():
     assert _probe("__main__", HYPERIQA_ALLOCATOR="system") == "False ['__main__', 'arg']"
     # Not the program being run (e.g. a test importing a command's main): nothing happens.
     assert _probe("hyperiqa_jax.train") == "False ['hyperiqa_jax.train', 'arg']"
+
+
+# The commands that load JAX when they start (benchmarks.scoring loads it later).
+COMMANDS = ("hyperiqa_jax.train", "hyperiqa_jax.demo", "hyperiqa_jax.evaluate",
+            "hyperiqa_jax.predict", "benchmarks.throughput")
+
+
+def _imports_of_jax(module):
+    """How often `python -X importtime -m module --help` imports jax, over all its processes."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert "--helpfull" in out.stdout + out.stderr, out.stderr[-2000:]  # absl's help, exit 1
+    return sum(line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "jax"
+               for line in out.stderr.splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+@pytest.mark.parametrize("module", COMMANDS)
+def test_commands_re_execute_before_loading_jax(module):
+    # The re-execution replaces the process: whatever the first one imported is loaded
+    # twice (~2-3 s for JAX, grain and orbax on a 2-core machine). -X importtime is kept
+    # across it, so both processes report their imports on stderr.
+    assert _imports_of_jax(module) == 1
