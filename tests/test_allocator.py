@@ -45,10 +45,15 @@ def test_the_installed_wheel_ships_the_library():
     assert path is not None and os.path.isfile(path) and "libmimalloc" in path
 
 
+def _environment(**env):
+    """This process's environment without any allocator choice, plus `env`."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")} | env
+
+
 def _probe(caller, **env):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")} | env
-    out = subprocess.run([sys.executable, "-c", PROBE, caller, "arg"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-c", PROBE, caller, "arg"], cwd=REPO,
+                         env=_environment(**env),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
@@ -70,10 +75,8 @@ COMMANDS = ("hyperiqa_jax.train", "hyperiqa_jax.demo", "hyperiqa_jax.evaluate",
 
 def _imports(module):
     """Modules `python -X importtime -m module --help` imports, counted over all its processes."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")}
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=_environment(), capture_output=True, text=True, timeout=300)
     assert "--helpfull" in out.stdout + out.stderr, out.stderr[-2000:]  # absl's help, exit 1
     return collections.Counter(line.rsplit("|", 1)[-1].strip()
                                for line in out.stderr.splitlines()
