@@ -50,7 +50,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from hyperiqa_jax import cli
+from hyperiqa_jax import cli, errors
 
 REPO = Path(__file__).absolute().parent.parent
 DEFAULT_BASELINE_REF = "ea5da69"  # the last commit before the accelerator-first model work
@@ -962,14 +962,14 @@ def settings(flag_values):
             args.out = tempfile.mkdtemp(prefix="gpu_check_dry_")
     args.batches = [int(b) for b in re.split(r"[,\s]+", str(args.batches).strip()) if b]
     if not args.batches:
-        raise cli.ConfigError("--batches lists no batch size")
+        raise errors.ConfigError("--batches lists no batch size")
     args.headline = args.headline or (128 if 128 in args.batches else args.batches[0])
     args.runs = [r for r in args.runs.split(",") if r]
     if not args.out:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d_%H%M")
         args.out = str(REPO / "benchmarks" / "results" / stamp)
     if Path(args.out).absolute() == REPO:
-        raise cli.ConfigError(f"--out {args.out}: the results folder must not be the "
+        raise errors.ConfigError(f"--out {args.out}: the results folder must not be the "
                               "repository root")
     return args
 

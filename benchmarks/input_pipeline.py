@@ -83,9 +83,9 @@ def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) ->
 
 
 def data_config(settings, **changes):
-    from configs import common
+    from hyperiqa_jax import config_defaults
 
-    c = common.seed_config().data
+    c = config_defaults.reference_config().data
     c.update(name="manifest", root=settings["folder"], resize=tuple(settings["resize"]),
              crop_size=settings["crop"], train_crops=settings["crops"], max_bad_fraction=0.0,
              num_workers=settings["workers"], worker_processes=0,
@@ -258,7 +258,7 @@ def print_table(report):
 
 
 def main(argv):
-    from hyperiqa_jax.cli import ConfigError
+    from hyperiqa_jax.errors import ConfigError
 
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")

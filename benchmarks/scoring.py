@@ -51,14 +51,7 @@ torch threads as cores, the PyTorch loop slows down many times over as soon as
 another process holds a core.
 """
 
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
-
 import csv
-import importlib
 import io
 import json
 import math
@@ -75,6 +68,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFilter
+
+from hyperiqa_jax import config_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("nano", "micro", "tiny", "small", "base")
@@ -180,8 +175,8 @@ def write_images(folder, num, width, height, quality, seed=0):
 
 def model_config(name):
     """The config of a checkpoint made here: configs/tiny.py and friends, or shrunk ones."""
-    config = importlib.import_module(
-        f"configs.{name if name in ('tiny', 'small', 'base') else 'tiny'}").get_config()
+    config = config_defaults.reference_config(name if name in ("tiny", "small", "base")
+                                              else "tiny")
     if name == "micro":
         from benchmarks.throughput import MICRO_BACKBONE
 

@@ -23,13 +23,6 @@ so on a GPU the host's dispatch of step k+1 overlaps step k, as in training;
 the reported time is per step.
 """
 
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
-
-import importlib
 import json
 import resource
 import time
@@ -37,6 +30,8 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+
+from hyperiqa_jax import config_defaults
 
 # "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
 # per image), for smoke tests and the GPU check's CPU dry run. "demo": configs/demo.py, the
@@ -72,9 +67,10 @@ def jax_only_overrides(model_config) -> list[str]:
 
 
 def model_config(size: str, dtype: str):
-    """configs/<size>.py with the compute dtype set explicitly (the default may be "auto")."""
+    """The E6 config of `size` (demo: the demo's) with the compute dtype set explicitly."""
     name = {"micro": "tiny"}.get(size, size)
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = (config_defaults.demo_config() if name == "demo"
+              else config_defaults.reference_config(name))
     config.model.dtype = dtype
     if size == "micro":
         config.model.backbone_overrides.update(MICRO_BACKBONE)

@@ -4,18 +4,18 @@ r"""Ablation A2: Swin-B, stage 3 alone into the hyper network, no attention.
         --workdir runs/a2 --config.data.root=/data/koniq10k \
         --config.pretrained_backbone=weights/swin_base_patch4_window7_224
 
-Seed's result on KonIQ-10k test: SRCC 0.9338, PLCC 0.9438.
+The PyTorch original's result on KonIQ-10k test: SRCC 0.9338, PLCC 0.9438.
 
-Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+Precision (hyperiqa_jax/config_defaults.py): model.dtype="auto" trains and scores in bfloat16
 on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
 --config.model.dtype=float32 forces float32 everywhere.
 """
 
-from configs.common import seed_config
+from hyperiqa_jax.config_defaults import reference_config
 
 
 def get_config():
-    config = seed_config("base")
+    config = reference_config("base")
     config.model.multi_scale = False
     config.model.attention = "none"
     return config

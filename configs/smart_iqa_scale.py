@@ -13,20 +13,20 @@ Training it here:
         --workdir runs/smart_iqa --config.data.root=/data/koniq10k \
         --config.pretrained_backbone=weights/swin_base_patch4_window7_224
 
-The seed reports no separate number for this variant; its E6 target
+The PyTorch original reports no separate number for this variant; its E6 target
 (SRCC 0.9378, PLCC 0.9485) is the reference. For a Tiny/Small release
 checkpoint set --config.model.backbone=swin_tiny_patch4_window7_224 (and its
-drop_path_rate / dropout from configs/common.py).
+drop_path_rate / dropout from hyperiqa_jax/config_defaults.py).
 
-Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+Precision (hyperiqa_jax/config_defaults.py): model.dtype="auto" trains and scores in bfloat16
 on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
 --config.model.dtype=float32 forces float32 everywhere.
 """
 
-from configs.common import seed_config
+from hyperiqa_jax.config_defaults import reference_config
 
 
 def get_config():
-    config = seed_config("base")
+    config = reference_config("base")
     config.model.attention = "scale"
     return config

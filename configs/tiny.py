@@ -4,15 +4,16 @@ r"""E6 with a Swin-T backbone (drop path 0.2, dropout 0.3).
         --config.data.root=/data/koniq10k \
         --config.pretrained_backbone=weights/swin_tiny_patch4_window7_224
 
-Seed's result on KonIQ-10k test: SRCC 0.9249, PLCC 0.9360 (29.5M parameters, 4.5 GMACs).
+The PyTorch original's result on KonIQ-10k test: SRCC 0.9249, PLCC 0.9360
+(29.5M parameters, 4.5 GMACs).
 
-Precision (configs/common.py): model.dtype="auto" trains and scores in bfloat16
+Precision (hyperiqa_jax/config_defaults.py): model.dtype="auto" trains and scores in bfloat16
 on a GPU or TPU (float32 parameters and optimiser) and in float32 on the CPU;
 --config.model.dtype=float32 forces float32 everywhere.
 """
 
-from configs.common import seed_config
+from hyperiqa_jax.config_defaults import reference_config
 
 
 def get_config():
-    return seed_config("tiny")
+    return reference_config("tiny")

@@ -23,6 +23,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from hyperiqa_jax import config_defaults
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
@@ -147,20 +149,18 @@ def restore_variables(manager_dir, step, abstract_variables):
 
 
 def config_from_meta(meta):
-    """The run's ConfigDict: its saved config over configs/common.py's defaults.
+    """The run's ConfigDict: its saved config over config_defaults.reference_config().
 
     Keys added to the configs after the run was written take their defaults;
     JSON lists turn back into tuples.
     """
-    from configs import common
-
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
         if isinstance(x, list):
             return tuple(tuples(v) for v in x)
         return x
-    config = common.seed_config().to_dict()
+    config = config_defaults.reference_config().to_dict()
     for section, values in tuples(meta["config"]).items():
         if isinstance(values, dict) and isinstance(config.get(section), dict):
             config[section].update(values)

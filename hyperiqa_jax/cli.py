@@ -20,12 +20,10 @@ ml_collections config flag (train, demo, convert_checkpoint), whose
 --config.KEY=VALUE overrides are read from sys.argv, and predict and evaluate
 define their flags in absl's FLAGS and run through `run` only.
 
-`UserError` subclasses: `ConfigError` here (also a ValueError), and the data
-package's `LabelFileError`, `DatasetNotFoundError`, `ImageDecodeError` and
-`TooManyBadImagesError`. Path errors of the OS (a file that is missing, in the
-way, or not readable) count as user errors too, and so does a missing module of
-an optional extra (torch, timm: weight conversion and parity only). This module
-imports only the standard library at the top, so any module can raise its errors.
+The errors themselves are in `errors.py` (`UserError` and its subclasses).
+Path errors of the OS (a file that is missing, in the way, or not readable)
+count as user errors too, and so does a missing module of an optional extra
+(torch, timm: weight conversion and parity only).
 """
 
 import contextlib
@@ -33,6 +31,8 @@ import functools
 import os
 import re
 import sys
+
+from hyperiqa_jax.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -42,28 +42,6 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 
 # Modules of the optional extras (pyproject.toml), which `make demo` does not install.
 EXTRAS = {"torch": "torch", "torchvision": "torch", "timm": "torch", "safetensors": "torch"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the message says what is wrong and what to do."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config value or command-line option that cannot work."""
-
-
-def load_config_file(path):
-    """`get_config()` of a config file, e.g. configs/base.py (a --config that is a plain path,
-    without ml_collections' --config.KEY=VALUE overrides)."""
-    import importlib.util
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such config file (the project's configs are "
-                          "configs/*.py)")
-    spec = importlib.util.spec_from_file_location("command_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def message(error):
@@ -211,7 +189,8 @@ def _unknown_key(error, argv):
     pattern = re.compile(r"^--?[A-Za-z_]\w*(\.\w+)*\." + re.escape(key) + r"(\.|=|$)")
     shown = next((a for a in argv[1:] if pattern.match(a)), None)
     where = f"{shown}: " if shown else ""
-    return (f"{where}no config key '{key}'{hint} (every key is listed in configs/common.py)")
+    return (f"{where}no config key '{key}'{hint} (every key is listed in "
+            "hyperiqa_jax/config_defaults.py)")
 
 
 def _config_file_problem(flag):

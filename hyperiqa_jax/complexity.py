@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hyperiqa_jax import cli
+from hyperiqa_jax import cli, config_checks
 from hyperiqa_jax.models import build_model
 
 # The seed's reported figures: (params in millions, GMACs), None where not reported.
@@ -74,7 +74,7 @@ def main(argv, flag_values=flags.FLAGS) -> int:
           "| seed params / GMACs |")
     print("|---|---|---|---|---|---|---|---|")
     for path in flag_values.config:
-        config = cli.load_config_file(path)
+        config = config_checks.load_config_file(path)
         print(format_row(path, config.model, complexity(config.model)), flush=True)
     return 0
 

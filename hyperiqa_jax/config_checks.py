@@ -1,17 +1,32 @@
-"""Checks a training config before anything is set up: unknown keys, impossible values.
+"""Config files: loading one by path, and checking a config before anything is set up.
 
-Every key and its default live in configs/common.py; `check_config` only
-reads the config, so what a run saves is what the user gave.
+Every key and its default live in config_defaults.py; `check_config` only
+reads the config (unknown keys, impossible values), so what a run saves is
+what the user gave.
 """
 
 import dataclasses
 import difflib
+import importlib.util
+import os
 
 import jax
 
-from hyperiqa_jax import data
+from hyperiqa_jax import config_defaults, data
 from hyperiqa_jax import models as models_lib
-from hyperiqa_jax.cli import ConfigError
+from hyperiqa_jax.errors import ConfigError
+
+
+def load_config_file(path):
+    """`get_config()` of a config file, e.g. configs/base.py (a --config that is a plain path,
+    without ml_collections' --config.KEY=VALUE overrides)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such config file (the project's configs are "
+                          "configs/*.py)")
+    spec = importlib.util.spec_from_file_location("command_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def check_config(config):
@@ -19,24 +34,22 @@ def check_config(config):
 
     Raises `ConfigError` naming the key, so a mistake stops the run before the
     first step instead of failing inside it (or, for a typo, being ignored).
-    Every key and its default live in configs/common.py.
+    Every key and its default live in config_defaults.py.
     """
-    from configs import common  # The reference key set lives with the configs.
-
-    template = common.seed_config()
+    template = config_defaults.reference_config()
     for section in ("", "train", "data", "model"):
         node = config if not section else config.get(section)
         keys = set((template if not section else template[section]).keys())
         if node is None:
             raise ConfigError(f"config has no '{section}' section (start from "
-                              "configs/common.py's seed_config())")
+                              "hyperiqa_jax.config_defaults.reference_config())")
         for key in node.keys():
             if key not in keys:
                 prefix = f"{section}." if section else ""
                 close = difflib.get_close_matches(key, sorted(keys), n=1)
                 hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown config key '{prefix}{key}'{hint} "
-                                  f"(known keys are listed in configs/common.py)")
+                                  f"(every key is listed in hyperiqa_jax/config_defaults.py)")
     _check_values(config)
     n = jax.device_count()
     for name, value in (("batch_size", config.train.batch_size),

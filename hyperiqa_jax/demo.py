@@ -5,17 +5,11 @@ r"""End-to-end demo on CPU: generate data, train a small Swin HyperIQA, evaluate
 1. generates the demo data set once (photographs bundled with scikit-image and
    matplotlib, six distortions x four levels, each labelled with its
    condition's mean SSIM x 100, split by photograph);
-2. trains `configs/demo.py` from random initialisation into the workdir
+2. trains the demo config (configs/demo.py) from random initialisation into the workdir
    (rerunning resumes; --restart starts over);
 3. evaluates the final model on the unseen test photographs and prints SRCC /
    PLCC, the wall time, and where the figures and checkpoints are.
 """
-
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
 
 import csv
 import math
@@ -27,13 +21,13 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import demo as demo_config
+from hyperiqa_jax import config_defaults
 from hyperiqa_jax.logs import quiet_library_logs
 
 
 def define_flags():
     """Command-line flags (defined only when run as a program)."""
-    config_flags.DEFINE_config_dict("config", demo_config.get_config(),
+    config_flags.DEFINE_config_dict("config", config_defaults.demo_config(),
                                     "The demo config (override with --config.KEY=VALUE).")
     flags.DEFINE_string("workdir", "runs/demo", "Where the run is written.")
     flags.DEFINE_bool("restart", False, "Delete the workdir first instead of resuming.")

@@ -13,12 +13,6 @@ set, attention weights by quality bin, and the training curves of the run's
 `metrics.jsonl` when the checkpoint sits in a training workdir.
 """
 
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
-
 import csv
 import difflib
 import json
@@ -30,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from hyperiqa_jax import metrics
-from hyperiqa_jax.cli import ConfigError, UserError
+from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
 

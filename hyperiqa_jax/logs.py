@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from hyperiqa_jax.data.sources import is_url
+from hyperiqa_jax.paths import is_url
 
 
 def quiet_library_logs():

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hyperiqa_jax import cli
+from hyperiqa_jax import cli, config_checks
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -144,7 +144,7 @@ def main(argv, flag_values=flags.FLAGS) -> int:
     if unknown:
         raise app.UsageError(f"--platforms: unknown platform(s) {unknown}; choose from "
                              f"{', '.join(PLATFORMS)}")
-    config = cli.load_config_file(args.config)
+    config = config_checks.load_config_file(args.config)
     if args.dtype:
         config.model.dtype = args.dtype
     if args.kernels:

@@ -1,4 +1,4 @@
-"""The seed's optimiser (configs/common.py): clipped AdamW with two learning-rate groups.
+"""The PyTorch original's optimiser (config_defaults.py): clipped AdamW, two learning-rate groups.
 
 The backbone (top-level parameter key 'backbone') trains at `lr`, every other
 parameter at `lr * lr_ratio`. AdamW follows torch.optim.AdamW: decoupled weight

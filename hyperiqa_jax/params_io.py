@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from hyperiqa_jax.cli import ConfigError
+from hyperiqa_jax.errors import ConfigError
 
 META_FILE = "meta.json"
 PARAMS_DIR = "params"

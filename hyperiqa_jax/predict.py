@@ -18,12 +18,6 @@ Exit status: 0 when every file was scored, 1 if any file failed, 2 for a usage
 error (no checkpoint there, no image files found, an output folder missing).
 """
 
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
-
 import csv
 import glob
 import os
@@ -31,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from hyperiqa_jax.cli import ConfigError, UserError
+from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",

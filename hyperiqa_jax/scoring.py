@@ -21,10 +21,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hyperiqa_jax import checkpointing, state
-from hyperiqa_jax.cli import UserError
 from hyperiqa_jax.data import image as image_lib
 from hyperiqa_jax.data import pipeline
 from hyperiqa_jax.data.records import Record
+from hyperiqa_jax.errors import UserError
 
 
 def predict_scores(model, variables, images, label_stats):

@@ -17,12 +17,6 @@ several processes each one reads and evaluates its own share of the images and
 process 0 alone writes logs.
 """
 
-from hyperiqa_jax import allocator
-
-# First of all: run as a command, this re-executes the process under mimalloc
-# (allocator.py), so nothing heavy may be imported before it.
-allocator.preload(__name__)
-
 import dataclasses
 import json
 import math
@@ -45,12 +39,12 @@ from tqdm import tqdm
 
 from hyperiqa_jax import checkpointing, data, distributed, metrics, optim, params_io, scoring, state
 from hyperiqa_jax import models as models_lib
-from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.config_checks import check_config, eval_batch_size
 from hyperiqa_jax.data import device
 from hyperiqa_jax.data.image import normalize
-from hyperiqa_jax.data.sources import is_url
+from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable, quiet_library_logs
+from hyperiqa_jax.paths import is_url
 
 # ----------------------------------------------------------------------------
 # Config.

@@ -13,9 +13,13 @@ from hyperiqa_jax import allocator
 REPO = Path(__file__).resolve().parents[1]
 LIB = "/site/cmeel.prefix/lib/libmimalloc.so"
 
-# Prints whether mimalloc is mapped into the process after `preload`.
-PROBE = ("import sys; from hyperiqa_jax import allocator; allocator.preload(sys.argv[1]); "
-         "print('libmimalloc' in open('/proc/self/maps').read(), sys.argv[1:])")
+# A command of its own: prints whether mimalloc is mapped, what LD_PRELOAD the
+# command's environment holds, and its arguments.
+PROBE = """import os, sys
+from hyperiqa_jax import allocator
+allocator.preload_command(commands=("probe_command",))
+print('libmimalloc' in open('/proc/self/maps').read(), os.environ.get('LD_PRELOAD'), sys.argv[1:])
+"""
 
 
 def test_environment_for_the_re_execution():
@@ -51,26 +55,50 @@ def _environment(**env):
             if k not in ("LD_PRELOAD", "HYPERIQA_ALLOCATOR", "MIMALLOC_PURGE_DELAY")} | env
 
 
-def _probe(caller, **env):
-    out = subprocess.run([sys.executable, "-c", PROBE, caller, "arg"], cwd=REPO,
-                         env=_environment(**env),
+def _probe(tmp_path, **env):
+    (tmp_path / "probe_command.py").write_text(PROBE)
+    out = subprocess.run([sys.executable, "-m", "probe_command", "arg"], cwd=tmp_path,
+                         env=_environment(PYTHONPATH=str(REPO), **env),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 
 
+@pytest.mark.parametrize("argv, module", [
+    (["python", "-m", "hyperiqa_jax.train", "--config=x"], "hyperiqa_jax.train"),
+    (["python", "-X", "importtime", "-u", "-mbenchmarks.scoring"], "benchmarks.scoring"),
+    (["python", "-W", "ignore", "-m", "hyperiqa_jax.demo"], "hyperiqa_jax.demo"),
+    (["python", "script.py", "-m", "hyperiqa_jax.train"], None),
+    (["python", "-c", "print(1)", "-m", "x"], None),
+    (["python"], None),
+])
+def test_command_module(argv, module):
+    assert allocator.command_module(argv) == module
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
-def test_preload_re_executes_the_command_under_mimalloc():
-    # The same command line runs again (arguments kept), now with mimalloc mapped.
-    assert _probe("__main__") == "True ['__main__', 'arg']"
-    assert _probe("__main__", HYPERIQA_ALLOCATOR="system") == "False ['__main__', 'arg']"
-    # Not the program being run (e.g. a test importing a command's main): nothing happens.
-    assert _probe("hyperiqa_jax.train") == "False ['hyperiqa_jax.train', 'arg']"
+def test_a_command_re_executes_under_mimalloc_and_gives_its_children_the_users_environment(
+        tmp_path):
+    # The same command line runs again (arguments kept), now with mimalloc mapped, and
+    # LD_PRELOAD is back to what the user gave (unset here; kept when set).
+    assert _probe(tmp_path) == "True None ['arg']"
+    assert _probe(tmp_path, LD_PRELOAD="") == "True  ['arg']"
+    assert _probe(tmp_path, HYPERIQA_ALLOCATOR="system") == "False None ['arg']"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_library_use_never_re_executes(tmp_path):
+    # Importing the package from a program that is not one of the commands.
+    code = ("import hyperiqa_jax, os; "
+            "print('libmimalloc' in open('/proc/self/maps').read(), os.getpid())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                         env=_environment(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[0] == "False", out.stderr[-2000:]
 
 
 # The commands that load JAX when they start (benchmarks.scoring loads it later).
-COMMANDS = ("hyperiqa_jax.train", "hyperiqa_jax.demo", "hyperiqa_jax.evaluate",
-            "hyperiqa_jax.predict", "benchmarks.throughput")
+COMMANDS = [c for c in allocator.COMMANDS if c != "benchmarks.scoring"]
 
 
 def _imports(module):

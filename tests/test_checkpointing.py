@@ -157,13 +157,13 @@ def test_config_round_trips_through_meta():
 
 
 def test_config_of_an_older_run_gets_the_new_keys_defaults():
-    from configs import common
+    from hyperiqa_jax import config_defaults
 
     c = train_utils.tiny_config()
     saved = json.loads(c.to_json_best_effort())
     del saved["data"]["worker_processes"], saved["train"]["stop_check_every_steps"]
     back = checkpointing.config_from_meta({"config": saved})
-    defaults = common.seed_config()
+    defaults = config_defaults.reference_config()
     assert back.data.worker_processes == defaults.data.worker_processes
     assert back.train.stop_check_every_steps == defaults.train.stop_check_every_steps
     assert back.data.crop_size == c.data.crop_size == 56

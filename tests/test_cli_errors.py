@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperiqa_jax import cli, data
+from hyperiqa_jax import cli, data, errors
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,12 +117,12 @@ def test_config_mistakes(key):
     section, name = key.split(".")
     with config.unlocked():
         config[section][name] = value
-    with pytest.raises(cli.ConfigError, match=re.escape(fragment)):
+    with pytest.raises(errors.ConfigError, match=re.escape(fragment)):
         train.check_config(config)
 
 
 def test_unknown_split_is_a_config_error(files):
-    with pytest.raises(cli.ConfigError, match="unknown split 'tset'"):
+    with pytest.raises(errors.ConfigError, match="unknown split 'tset'"):
         data.load_records("manifest", str(files / "manifest"), "tset")
 
 
@@ -284,7 +284,7 @@ def test_guarded_passes_bugs_through(bug):
 
 
 def test_guarded_reports_user_errors(capsys):
-    for error in (cli.UserError("what to do"), cli.ConfigError("x=0 must be at least 1"),
+    for error in (errors.UserError("what to do"), errors.ConfigError("x=0 must be at least 1"),
                   FileNotFoundError(2, "No such file or directory", "/data/x.csv"),
                   data.LabelFileError("labels.csv, row 3: empty score")):
         def main(error=error):

@@ -2,12 +2,21 @@
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
 from PIL import Image
 
-from configs import demo
+from hyperiqa_jax import config_defaults
+from hyperiqa_jax.config_checks import load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+    """configs/<name>.py of the repository, read by path as the commands read it."""
+    return load_config_file(str(REPO / "configs" / f"{name}.py"))
 
 
 def tiny_config(root="", name="demo"):
@@ -16,7 +25,7 @@ def tiny_config(root="", name="demo"):
     Patch size 1 keeps the stage maps at 56/28/14/7, which the HyperIQA heads need;
     the target net is shrunk to 98 -> 14 -> 7 -> 7 -> 7 -> 1.
     """
-    c = demo.get_config()
+    c = config_defaults.demo_config()
     c.data.name = name
     c.data.root = root
     c.data.crop_size = 56

@@ -22,7 +22,7 @@ from hyperiqa_jax.models.swin import SWIN_CONFIGS
 from hyperiqa_jax.params_io import save_params
 from weights_conversion import swin as swin_conversion
 
-# Errors this command reports as user errors (exit status 2), besides cli.UserError.
+# Errors this command reports as user errors (exit status 2), besides errors.UserError.
 EXPECTED = (swin_conversion.ConversionError, ConnectionError)
 
 

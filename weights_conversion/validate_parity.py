@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hyperiqa_jax import cli
+from hyperiqa_jax import cli, config_checks
 from hyperiqa_jax.models.swin import SWIN_CONFIGS
 from weights_conversion import swin as swin_conversion
 from weights_conversion.hyperiqa import FORMATS
 
 DEFAULT_TOLERANCE = 1e-4
-# Errors this command reports as user errors (exit status 2), besides cli.UserError.
+# Errors this command reports as user errors (exit status 2), besides errors.UserError.
 EXPECTED = (swin_conversion.ConversionError,)
 
 
@@ -174,7 +174,8 @@ def swin_main(args) -> int:
 def full_model_main(args) -> int:
     """The --config mode: exit status 0 when the forward pass, and with --train_step the
     optimiser step, are within their limits; 1 when either is not."""
-    config = cli.load_config_file(args.config)  # before importing torch: a wrong path fails at once
+    # Before importing torch: a wrong path fails at once.
+    config = config_checks.load_config_file(args.config)
     from weights_conversion import hyperiqa_parity
 
     results = hyperiqa_parity.forward_parity(

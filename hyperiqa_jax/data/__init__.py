@@ -19,7 +19,7 @@ Labels and splits (`records.py`)::
   KADID/demo); 'json:PATH' (koniq_train.json-style image lists, PATH relative to
   root). Bad label files raise LabelFileError naming file, row and column; a
   missing data set raises DatasetNotFoundError saying what to download and where.
-  Both, like ImageDecodeError and TooManyBadImagesError, are hyperiqa_jax.cli.UserError:
+  Both, like ImageDecodeError and TooManyBadImagesError, are hyperiqa_jax.errors.UserError:
   the commands print them as one `error:` line (exit status 2).
 
 Split sources (`sources.py`): files or array_record, chosen by data.tfds_dir::
@@ -70,7 +70,7 @@ Pipelines (`pipeline.py`)::
         # this process's share (images p, p + P, ...); the same batch count on every process
     TooManyBadImagesError        # raised from next() beyond data.max_bad_fraction
 
-  `records` may also be a `TfdsSource`. data_config is a configs/common.py data
+  `records` may also be a `TfdsSource`. data_config is a config's data
   section; decode_draft decodes JPEGs at a reduced DCT scale when the resize
   target allows (e.g. 4000x3000 SPAQ photos to 1000x750 before Resize).
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from hyperiqa_jax.cli import ConfigError, UserError
-from hyperiqa_jax.data.sources import is_url, read_bytes
+from hyperiqa_jax.errors import ConfigError, ImageDecodeError
+from hyperiqa_jax.paths import is_url, read_bytes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -40,15 +40,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 # Never let a truncated file pass as a (partly grey) image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class ImageDecodeError(UserError):
-    """An image file could not be read or decoded. `path` names the file."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot decode image {self.path}: {reason}")
 
 
 def _open(source, name: str) -> Image.Image:

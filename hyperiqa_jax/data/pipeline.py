@@ -31,7 +31,6 @@ import grain
 import numpy as np
 from absl import flags
 
-from hyperiqa_jax.cli import ConfigError, UserError
 from hyperiqa_jax.data.image import (
     ImageDecodeError,
     crop_positions,
@@ -41,12 +40,9 @@ from hyperiqa_jax.data.image import (
     num_eval_crops,
 )
 from hyperiqa_jax.data.records import Record
+from hyperiqa_jax.errors import ConfigError, TooManyBadImagesError
 
 log = logging.getLogger(__name__)
-
-
-class TooManyBadImagesError(UserError, RuntimeError):
-    """More images failed to decode than data.max_bad_fraction allows."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -197,7 +193,7 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
     each process reads its own shard records[process_index::process_count].
     batch_size: rows per batch yielded by THIS process (the per-process batch, i.e.
     global batch // process_count), b below.
-    data_config: a configs/common.py data section (crop_size, resize, train_crops,
+    data_config: a config's data section (crop_size, resize, train_crops,
     mix_images, random_flip, crop_step, decode_draft, max_bad_fraction,
     num_workers: decoding threads, worker_processes: decoding processes, -1 =
     `default_worker_processes()`, prefetch: groups buffered per thread).

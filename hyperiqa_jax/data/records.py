@@ -9,7 +9,7 @@ KonIQ-10k, SPAQ, KADID-10k and AGIQA-3K publish one table each (CSV or xlsx:
 an image-name column and score columns) and are described by a `TableSpec` in
 `TABLES`; LIVE Challenge (.mat files) and manifests have their own readers.
 Roots, label files and images may be local paths or URLs such as
-``gs://bucket/koniq10k`` (sources.py reads them).
+``gs://bucket/koniq10k`` (paths.py reads them).
 
 Split syntax (`load_records(..., split=...)`):
 
@@ -34,26 +34,17 @@ import os
 
 import numpy as np
 
-from hyperiqa_jax.cli import ConfigError, UserError
-from hyperiqa_jax.data.sources import (
-    LabelFileError,
+from hyperiqa_jax.data.tables import (
     check_duplicates,
     check_files_exist,
     check_name,
-    exists,
-    is_url,
-    isdir,
-    isfile,
-    join,
-    parent,
     parse_score,
-    path_in,
-    read_bytes,
     read_json,
     read_table,
-    read_xlsx,  # noqa: F401 - still importable from here
     require_columns,
 )
+from hyperiqa_jax.errors import ConfigError, DatasetNotFoundError, LabelFileError
+from hyperiqa_jax.paths import exists, is_url, isdir, isfile, join, parent, path_in, read_bytes
 
 DATASETS = ("koniq10k", "spaq", "kadid10k", "agiqa3k", "livec", "manifest", "demo")
 PARTS = ("train", "val", "test")
@@ -70,10 +61,6 @@ class Record:
     score: float
     image_id: str
     ref: str | None = None
-
-
-class DatasetNotFoundError(UserError, FileNotFoundError):
-    """A data set's published files are not where they should be."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,238 +1,22 @@
-"""Where data is read from: files on local disk or at URLs, label tables, split sources.
+"""Split sources: the images of a split from the data set's files or from array_record.
 
-Paths: local paths are read with `os` and `open` (fast: tens of thousands of
-existence checks per data set); URLs such as ``gs://bucket/koniq10k`` go through
-etils.epath (for gs:// it needs ``gcsfs``, or TensorFlow's gfile when TensorFlow
-is installed), so data roots, label files, manifests, split lists and images may
-live in a bucket.
-
-Label tables: CSV, JSON and .xlsx readers and the per-cell checks the data-set
-readers in records.py share; problems raise `LabelFileError` naming the file,
-the row and the column.
-
-Split sources: `load_split(data_config, split, seed=)` returns the images of a
-split either from the data set's own files (a list of `Record`s) or, when
+`load_split(data_config, split, seed=)` returns the images of a split either
+from the data set's own files (a list of `Record`s) or, when
 ``data_config.tfds_dir`` is set, from an array_record data set written by
 `build_tfds` (a `TfdsSource`); `split_scores` gives the labels of either.
 """
 
-from __future__ import annotations
-
-import csv
-import io
-import json
-import math
 import os
-import posixpath
-import re
-import xml.etree.ElementTree as ET
-import zipfile
 
 import numpy as np
-from etils import epath
 
-from hyperiqa_jax.cli import UserError
-
-
-class LabelFileError(UserError, ValueError):
-    """A label or split file is missing or malformed."""
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def is_url(path) -> bool:
-    """True for gs://... and other URLs (read through etils.epath), False for local paths."""
-    return "://" in os.fspath(path)
-
-
-def read_bytes(path) -> bytes:
-    """The contents of a local file or of a URL."""
-    if is_url(path):
-        return epath.Path(path).read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def join(base: str, *parts: str) -> str:
-    """os.path.join for local paths; '/'-joined for URLs on every OS."""
-    return (posixpath if is_url(base) else os.path).join(base, *parts)
-
-
-def path_in(folder: str, name: str) -> str:
-    """Absolute path of `name` (relative, absolute or a URL) inside `folder`."""
-    if is_url(name):
-        return name
-    return join(folder, name) if is_url(folder) else os.path.abspath(os.path.join(folder, name))
-
-
-def parent(path: str) -> str:
-    """The folder holding `path` (absolute when local)."""
-    return posixpath.dirname(path) if is_url(path) else os.path.dirname(os.path.abspath(path))
-
-
-def isfile(path: str) -> bool:
-    return epath.Path(path).is_file() if is_url(path) else os.path.isfile(path)
-
-
-def isdir(path: str) -> bool:
-    return epath.Path(path).is_dir() if is_url(path) else os.path.isdir(path)
-
-
-def exists(path: str) -> bool:
-    return epath.Path(path).exists() if is_url(path) else os.path.exists(path)
-
-
-# --------------------------------------------------------------------------- label tables
-
-
-def read_text(path: str) -> str:
-    try:
-        return read_bytes(path).decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        kind = "JSON" if path.endswith(".json") else "CSV"
-        raise LabelFileError(f"{path}: not a UTF-8 text {kind} file ({e})") from None
-
-
-def read_json(path: str):
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise LabelFileError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
-    """(header, rows as {column: text}) of a CSV or .xlsx file; cells are stripped."""
-    if path.endswith(".xlsx"):
-        table = read_xlsx(path)
-        if not table:
-            raise LabelFileError(f"{path}: empty sheet")
-        header = [h.strip() for h in table[0]]
-        rows = [dict(zip(header, (c.strip() for c in r))) for r in table[1:]
-                if any(c.strip() for c in r)]
-        return header, rows
-    try:
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v.strip() if isinstance(v, str) else v)
-                 for k, v in row.items()} for row in reader]
-    except csv.Error as e:
-        raise LabelFileError(f"{path}: malformed CSV ({e})") from None
-    if not header:
-        raise LabelFileError(f"{path}: empty file, no CSV header")
-    return header, rows
-
-
-def read_xlsx(path) -> list[list[str]]:
-    """Rows of the first sheet of an .xlsx file as strings (no openpyxl needed)."""
-    ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
-    try:
-        with zipfile.ZipFile(io.BytesIO(read_bytes(path))) as z:
-            shared: list[str] = []
-            if "xl/sharedStrings.xml" in z.namelist():
-                root = ET.fromstring(z.read("xl/sharedStrings.xml"))
-                for si in root.findall("m:si", ns):
-                    shared.append("".join(t.text or "" for t in si.iter(f"{{{ns['m']}}}t")))
-            sheets = sorted(n for n in z.namelist() if re.match(r"xl/worksheets/sheet\d+\.xml$", n))
-            if not sheets:
-                raise LabelFileError(f"{path}: no worksheet in the xlsx file")
-            sheet = ET.fromstring(z.read(sheets[0]))
-    except (zipfile.BadZipFile, ET.ParseError, KeyError) as e:
-        raise LabelFileError(f"{path}: not a readable .xlsx file ({e})") from None
-    rows: list[list[str]] = []
-    for row in sheet.iter(f"{{{ns['m']}}}row"):
-        cells: dict[int, str] = {}
-        for c in row.findall("m:c", ns):
-            ref = c.get("r", "")
-            letters = re.match(r"[A-Z]+", ref)
-            col = 0
-            if letters:
-                for ch in letters.group(0):
-                    col = col * 26 + (ord(ch) - 64)
-                col -= 1
-            else:
-                col = len(cells)
-            kind = c.get("t")
-            v = c.find("m:v", ns)
-            if kind == "s" and v is not None:
-                text = shared[int(v.text)]
-            elif kind == "inlineStr":
-                text = "".join(t.text or "" for t in c.iter(f"{{{ns['m']}}}t"))
-            else:
-                text = v.text if v is not None and v.text is not None else ""
-            cells[col] = text
-        if cells:
-            rows.append([cells.get(i, "") for i in range(max(cells) + 1)])
-    return rows
-
-
-def require_columns(path: str, header: list[str], columns: list[str]) -> None:
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise LabelFileError(
-            f"{path}: missing column(s) {missing}; the header has {header}")
-
-
-def parse_score(value, path: str, row: int, column: str) -> float:
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        raise LabelFileError(f"{path}, row {row}, column {column!r}: empty score")
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise LabelFileError(
-            f"{path}, row {row}, column {column!r}: score {value!r} is not a number") from None
-    if not math.isfinite(score):
-        raise LabelFileError(f"{path}, row {row}, column {column!r}: score is {score}")
-    return score
-
-
-def check_name(value, path: str, row: int, column: str) -> str:
-    if value is None or str(value).strip() == "":
-        raise LabelFileError(f"{path}, row {row}, column {column!r}: empty image name")
-    return str(value).strip()
-
-
-def check_duplicates(items: list[tuple[str, int]], path: str, column: str) -> None:
-    """items: (image name, row); the second occurrence of a name is an error."""
-    seen: dict[str, int] = {}
-    for name, row in items:
-        if name in seen:
-            raise LabelFileError(
-                f"{path}, row {row}, column {column!r}: duplicate image name {name!r} "
-                f"(first at row {seen[name]})")
-        seen[name] = row
-
-
-def check_files_exist(paths: list[str], rows: list[int], label_path: str, column: str) -> None:
-    """Every image a label file lists must exist (one error naming up to 5 rows)."""
-    listed: dict[str, set[str]] = {}
-
-    def found(path: str) -> bool:
-        if not is_url(path):
-            return os.path.isfile(path)
-        # One listing per folder instead of one request per image.
-        folder = posixpath.dirname(path)
-        if folder not in listed:
-            p = epath.Path(folder)
-            listed[folder] = {c.name for c in p.iterdir()} if p.is_dir() else set()
-        return posixpath.basename(path) in listed[folder]
-
-    missing = [(p, row) for p, row in zip(paths, rows) if not found(p)]
-    if missing:
-        shown = "; ".join(f"row {row}: {p}" for p, row in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise LabelFileError(
-            f"{label_path}, column {column!r}: {len(missing)} listed image file(s) missing: "
-            f"{shown}{more}")
-
-
-# --------------------------------------------------------------------------- split sources
+from hyperiqa_jax.data.records import load_records
 
 
 def load_split(data_config, split: str, *, seed: int = 0):
     """The images of `split` (any `load_records` split) for `data_config`.
 
-    data_config: a configs/common.py data section. tfds_dir '': the data set's
+    data_config: a config's data section. tfds_dir '': the data set's
     files under data_config.root (name, root, label read), a list of Records in
     label-file order. Otherwise the array_record data set that `build_tfds` wrote
     there (its data_dir or the builder
@@ -243,12 +27,12 @@ def load_split(data_config, split: str, *, seed: int = 0):
     """
     tfds_dir = data_config.tfds_dir
     if tfds_dir:
+        # Lazy: TFDS is slow to import, and `python -m hyperiqa_jax.data.tfds_builders`
+        # must not find itself imported already.
         from hyperiqa_jax.data.tfds_builders import load_tfds_source
 
         return load_tfds_source(os.fspath(tfds_dir), split, name=data_config.name,
                                 data_config=data_config, seed=seed)
-    from hyperiqa_jax.data.records import load_records
-
     return load_records(data_config.name, data_config.root, split,
                         label=data_config.label or None, seed=seed)
 

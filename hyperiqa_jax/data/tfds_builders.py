@@ -47,10 +47,10 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from hyperiqa_jax.cli import ConfigError
 from hyperiqa_jax.data.image import load_resized
 from hyperiqa_jax.data.records import DatasetNotFoundError, Record, select_records
-from hyperiqa_jax.data.sources import is_url, join, read_bytes
+from hyperiqa_jax.errors import ConfigError
+from hyperiqa_jax.paths import is_url, join, read_bytes
 
 VERSION = "1.1.0"
 SETTINGS_FILE = "hyperiqa_jax.json"

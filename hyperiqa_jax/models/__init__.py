@@ -42,7 +42,7 @@ def build_backbone(model_config):
 
 
 def build_model(model_config) -> HyperIQA:
-    """HyperIQA for a `configs/common.py` model_config (every field is read)."""
+    """HyperIQA for a config's model section (config_defaults.model_config; every field is read)."""
     kind = "resnet" if model_config.backbone in RESNET_BACKBONES else "swin"
     widths = model_config.hyper_feature_widths or HYPER_FEATURE_WIDTHS[kind]
     return HyperIQA(

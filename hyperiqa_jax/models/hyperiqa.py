@@ -255,31 +255,34 @@ class HyperIQA(nn.Module):
         lda_sizes = [self.lda_out_size] * len(self.lda_conv_widths)
         lda_sizes.append(self.target_in_size - sum(lda_sizes))
         target_in_vec = LocalDistortionAware(
-            self.lda_conv_widths, tuple(lda_sizes), dtype=self.dtype, name="lda")(stage_maps)
+            conv_widths=self.lda_conv_widths, out_sizes=tuple(lda_sizes), dtype=self.dtype,
+            name="lda")(stage_maps)
 
         size = (self.feature_size, self.feature_size)
         used = stage_maps if self.multi_scale else stage_maps[-1:]
         pooled_maps = [adaptive_avg_pool(m, size) for m in used]
         attention = None
         if self.attention == "scale":
-            fused, attention = ScaleAttention(self.attention_hidden, self.attention_dropout,
-                                              self.dtype, name="attention")(
-                pooled_maps, stage_maps[-1], train)
+            fused, attention = ScaleAttention(
+                hidden=self.attention_hidden, dropout_rate=self.attention_dropout,
+                dtype=self.dtype, name="attention")(pooled_maps, stage_maps[-1], train)
         else:
             fused = jnp.concatenate(pooled_maps, axis=-1)
             if self.attention == "channel":
-                fused, attention = ChannelAttention(self.attention_reduction,
-                                                    self.attention_gate_bias, self.dtype,
-                                                    name="attention")(fused)
+                fused, attention = ChannelAttention(
+                    reduction=self.attention_reduction, gate_bias=self.attention_gate_bias,
+                    dtype=self.dtype, name="attention")(fused)
 
         hyper_in_feat, weights, biases = HyperNetwork(
-            self.hyper_feature_widths, self.hyper_in_channels, self.target_in_size,
-            tuple(self.target_fc_sizes), self.feature_size, self.dropout,
-            self.small_target_init, self.dtype, name="hyper")(fused, train)
+            feature_widths=self.hyper_feature_widths, hyper_in_channels=self.hyper_in_channels,
+            target_in_size=self.target_in_size, target_fc_sizes=tuple(self.target_fc_sizes),
+            feature_size=self.feature_size, dropout_rate=self.dropout,
+            small_target_init=self.small_target_init, dtype=self.dtype, name="hyper")(fused, train)
 
         # The target net is tiny: run it in float32 so the score keeps its precision.
         to32 = lambda xs: [v.astype(jnp.float32) for v in xs]
-        score = BatchedTargetNetwork(self.dropout, deterministic=not train, name="target")(
+        score = BatchedTargetNetwork(dropout_rate=self.dropout, deterministic=not train,
+                                     name="target")(
             target_in_vec.astype(jnp.float32), to32(weights), to32(biases))
 
         out = {"score": score.astype(jnp.float32), "attention": attention}

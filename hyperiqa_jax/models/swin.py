@@ -261,7 +261,8 @@ class SwinBlock(nn.Module):
             y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         hp, wp = h + pad_h, w + pad_w
         mask = jnp.asarray(shifted_window_mask(hp, wp, window, shift)) if any(shift) else None
-        y = WindowAttention(self.dim, self.num_heads, window, self.dtype, self.kernels,
+        y = WindowAttention(dim=self.dim, num_heads=self.num_heads, window=window,
+                            dtype=self.dtype, kernels=self.kernels,
                             name="attn")(window_partition(y, window), mask)
         y = window_reverse(y, window, hp, wp)[:, :h, :w]
         if any(shift):
@@ -269,7 +270,8 @@ class SwinBlock(nn.Module):
         x = x + DropPath(self.drop_path)(y, train).astype(x.dtype)
 
         y = LayerNorm(dtype=self.dtype, name="norm2")(x)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.kernels, name="mlp")(y)
+        y = Mlp(hidden_dim=int(self.dim * self.mlp_ratio), dtype=self.dtype, kernels=self.kernels,
+                name="mlp")(y)
         return x + DropPath(self.drop_path)(y, train).astype(x.dtype)
 
 
@@ -350,7 +352,8 @@ class PatchEmbed(nn.Module):
             responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
                                 kernel_init=zero_mean_init, name="stem")(x)
             x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
-        x = PatchProjection(self.embed_dim, p, self.dtype, self.kernels, name="proj")(x)
+        x = PatchProjection(features=self.embed_dim, patch_size=p, dtype=self.dtype,
+                            kernels=self.kernels, name="proj")(x)
         if self.patch_norm:
             return LayerNorm(dtype=self.residual_dtype, name="norm")(x)
         return x.astype(self.residual_dtype)
@@ -372,15 +375,17 @@ class SwinStage(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.downsample:
-            x = PatchMerging(self.dim, self.dtype, self.kernels, name="downsample")(x)
+            x = PatchMerging(out_dim=self.dim, dtype=self.dtype, kernels=self.kernels,
+                             name="downsample")(x)
             x = x.astype(self.residual_dtype)
         # remat="block": keep only each block's input for the backward pass and
         # recompute the rest (argument 2, `train`, is a Python bool).
         block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat == "block" else SwinBlock
         for j in range(self.depth):
-            x = block(self.dim, self.num_heads, self.window_size, shifted=j % 2 == 1,
-                      mlp_ratio=self.mlp_ratio, drop_path=self.drop_path[j], dtype=self.dtype,
-                      kernels=self.kernels, name=f"blocks_{j}")(x, train)
+            x = block(dim=self.dim, num_heads=self.num_heads, window_size=self.window_size,
+                      shifted=j % 2 == 1, mlp_ratio=self.mlp_ratio,
+                      drop_path=self.drop_path[j], dtype=self.dtype, kernels=self.kernels,
+                      name=f"blocks_{j}")(x, train)
         return x
 
 
@@ -436,13 +441,15 @@ class SwinTransformer(nn.Module):
                              f"got {self.kernels!r}")
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
-        x = PatchEmbed(self.embed_dim, self.patch_size, self.stem_channels, self.patch_norm,
-                       self.dtype, self.residual_dtype, self.kernels, name="patch_embed")(
-            images.astype(self.dtype))
+        x = PatchEmbed(embed_dim=self.embed_dim, patch_size=self.patch_size,
+                       stem_channels=self.stem_channels, patch_norm=self.patch_norm,
+                       dtype=self.dtype, residual_dtype=self.residual_dtype, kernels=self.kernels,
+                       name="patch_embed")(images.astype(self.dtype))
         features = []
         for i, (dim, depth, heads, rates) in enumerate(zip(
                 self.stage_channels, self.depths, self.num_heads, self.drop_path_rates())):
-            x = SwinStage(dim, depth, heads, self.window_size, downsample=i > 0,
+            x = SwinStage(dim=dim, depth=depth, num_heads=heads, window_size=self.window_size,
+                          downsample=i > 0,
                           drop_path=tuple(rates), mlp_ratio=self.mlp_ratio, dtype=self.dtype,
                           residual_dtype=self.residual_dtype, kernels=self.kernels,
                           remat=self.remat, name=f"layers_{i}")(x, train)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu_check
-from hyperiqa_jax import cli
+from hyperiqa_jax import cli, errors
 
 REPO = Path(__file__).absolute().parents[2]
 
@@ -128,7 +128,7 @@ def test_plan_puts_the_headline_pair_first():
 
 
 def test_results_never_in_the_repo_root(monkeypatch):
-    with pytest.raises(cli.ConfigError, match="must not be the repository root"):
+    with pytest.raises(errors.ConfigError, match="must not be the repository root"):
         gpu_check.parse_args(["--out", str(REPO)])
     monkeypatch.delenv("RESULTS_DIR", raising=False)
     monkeypatch.delenv("OUT", raising=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
+from hyperiqa_jax import config_defaults
 
 
 def make_image(path, height=48, width=64, seed=0, fmt=None, **save_kwargs):
@@ -20,8 +20,8 @@ def make_image(path, height=48, width=64, seed=0, fmt=None, **save_kwargs):
 
 
 def data_config(**overrides):
-    """configs/common.py's data section, shrunk to the tests' small images."""
-    c = common.seed_config().data
+    """hyperiqa_jax/config_defaults.py's data section, shrunk to the tests' small images."""
+    c = config_defaults.reference_config().data
     c.name = "manifest"
     c.resize = (40, 48)
     c.crop_size = 32

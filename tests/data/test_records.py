@@ -13,8 +13,8 @@ from hyperiqa_jax.data.records import (
     LabelFileError,
     Record,
     load_records,
-    read_xlsx,
 )
+from hyperiqa_jax.data.tables import read_xlsx
 from tests.data.conftest import make_image, write_manifest
 
 # ----------------------------------------------------------------------------- builders

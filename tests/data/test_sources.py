@@ -15,7 +15,8 @@ from PIL import Image
 
 from hyperiqa_jax.data.image import load_image, load_resized
 from hyperiqa_jax.data.records import LabelFileError, load_records
-from hyperiqa_jax.data.sources import is_url, split_scores
+from hyperiqa_jax.data.sources import split_scores
+from hyperiqa_jax.paths import is_url
 from tests.data.conftest import write_manifest
 from tests.data.test_records import make_koniq, make_livec, make_spaq
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hyperiqa_jax.cli import ConfigError
 from hyperiqa_jax.data.image import load_image
 from hyperiqa_jax.data.pipeline import make_eval_batches, make_train_dataset
 from hyperiqa_jax.data.records import load_records
 from hyperiqa_jax.data.sources import load_split, split_scores
 from hyperiqa_jax.data.tfds_builders import TfdsSource, build_tfds, load_tfds_source
+from hyperiqa_jax.errors import ConfigError
 from tests.data.conftest import data_config, write_manifest
 from tests.data.test_records import make_koniq
 

@@ -6,7 +6,6 @@ XLA:CPU kernels (models/cpu_kernels.py) contain such conditionals; lowered for
 cuda or tpu, the default `kernels="auto"` must leave none of them.
 """
 
-import importlib
 from pathlib import Path
 
 import jax
@@ -15,9 +14,10 @@ import numpy as np
 import pytest
 
 from hyperiqa_jax import lowering
+from tests import train_utils
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "common"))
+                 )
 
 
 def test_every_config_is_listed():
@@ -28,7 +28,7 @@ def test_every_config_is_listed():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_accelerator_lowering_has_no_control_flow(name, dtype):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = train_utils.load_config(name)
     config.model.dtype = dtype
     assert config.model.kernels == "auto"
     for step, traced in lowering.trace_steps(config).items():
@@ -38,7 +38,7 @@ def test_accelerator_lowering_has_no_control_flow(name, dtype):
 
 
 def _tiny_train_step(kernels):
-    config = importlib.import_module("configs.tiny").get_config()
+    config = train_utils.load_config("tiny")
     config.model.dtype = "float32"
     config.model.kernels = kernels
     config.model.backbone_overrides.depths = (2, 2, 2, 2)

@@ -17,7 +17,7 @@ import torch
 from flax import traverse_util
 from torch import nn
 
-from configs.common import seed_config
+from hyperiqa_jax.config_defaults import reference_config
 from hyperiqa_jax.models import build_model
 from hyperiqa_jax.params_io import load_params
 from weights_conversion import hyperiqa as conversion
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def swin_config(attention="scale", multi_scale=True):
-    config = seed_config("tiny")
+    config = reference_config("tiny")
     config.model.backbone_overrides.depths = (1, 1, 1, 1)
     config.model.attention = attention
     config.model.multi_scale = multi_scale
@@ -38,7 +38,7 @@ def swin_config(attention="scale", multi_scale=True):
 
 
 def resnet_config():
-    config = seed_config("base")
+    config = reference_config("base")
     config.model.update(backbone="resnet50", multi_scale=False, attention="none", dropout=0.0,
                         drop_path_rate=0.0)
     return config
@@ -212,9 +212,10 @@ def test_convert_original_checkpoint_file_and_score(tmp_path, resnet_reference):
 def test_cli(tmp_path):
     config_file = tmp_path / "small_smart_iqa.py"
     config_file.write_text(
-        "from configs.smart_iqa_scale import get_config as base\n\n\n"
+        "from hyperiqa_jax.config_defaults import reference_config\n\n\n"
         "def get_config():\n"
-        "    config = base()\n"
+        "    config = reference_config('base')\n"
+        "    config.model.attention = 'scale'\n"
         "    config.model.backbone = 'swin_tiny_patch4_window7_224'\n"
         "    config.model.backbone_overrides.depths = (1, 1, 1, 1)\n"
         "    return config\n")

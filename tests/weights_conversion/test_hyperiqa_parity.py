@@ -7,13 +7,13 @@ the target net calibrated so that scores spread over 35..65 and differ between
 the images (see torch_reference.calibrate_scores).
 """
 
-import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from hyperiqa_jax import cli
+from tests import train_utils
 from tests.weights_conversion.test_hyperiqa_conversion import smart_iqa_state_dict
 from weights_conversion import hyperiqa_parity, validate_parity
 from weights_conversion.torch_reference import calibrate_scores
@@ -28,7 +28,7 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def ci_config(name, kernels="auto"):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = train_utils.load_config(name)
     if config.model.backbone != "resnet50":
         config.model.backbone_overrides.depths = (1, 1, 1, 1)
     config.model.kernels = kernels  # models/cpu_kernels.py: both paths must match PyTorch.
