@@ -1,20 +1,21 @@
 # Two-command set-up: `make demo` runs the main job, `make test` runs the test suite.
+# Both install the exact versions in constraints.txt (`make lock` refreshes them).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
 
 # The package alone: what the demo, training, evaluation and scoring need (no torch).
-$(VENV)/.installed-base: pyproject.toml
+$(VENV)/.installed-base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PIP) -e .
 	touch $@
 
 # Plus the `torch` extra (torch, torchvision, timm, safetensors: weight conversion and
 # the PyTorch parity tests) and the `dev` extra (pytest, ruff).
 $(VENV)/.installed: $(VENV)/.installed-base
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q "torch>=2.4,<=2.14.1" torchvision
-	$(PY) -m pip install -q -e ".[torch,dev]"
+	$(PIP) -e ".[torch,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,4 +29,15 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed-base
 	$(PY) -m hyperiqa_jax.demo
 
-.PHONY: install test demo
+# constraints.txt from a fresh environment: the newest versions pyproject's ranges allow.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -e ".[torch,dev]"
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } \
+		> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
+
+.PHONY: install test demo lock
