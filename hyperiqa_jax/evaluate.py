@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from hyperiqa_jax import metrics
+from hyperiqa_jax.data.image import PROTOCOLS
 from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
@@ -32,7 +33,7 @@ def define_flags():
     """Command-line flags (defined only when run as a program)."""
     flags.DEFINE_string("checkpoint", None, "Training workdir, best/ or a step folder.")
     flags.DEFINE_multi_string("data", [], "NAME[:SPLIT]=ROOT, repeatable.")
-    flags.DEFINE_enum("protocol", None, ["random", "center", "grid"],
+    flags.DEFINE_enum("protocol", None, list(PROTOCOLS),
                       "Crop protocol (default: the run's data.eval_protocol).")
     flags.DEFINE_integer("num_crops", None, "Crops per image (default: the run's "
                          "data.test_crops).")

@@ -10,6 +10,7 @@ loader's.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -36,10 +37,20 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 # 12000x9000 JPEG) is replaced by these two, done in `open_rgb`.
 MAX_JPEG_PIXELS = 1_000_000_000
 MAX_OTHER_PIXELS = 2 * 89_478_485
-Image.MAX_IMAGE_PIXELS = None
 
-# Never let a truncated file pass as a (partly grey) image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The evaluation crop protocols (`crop_positions`): seeded random, centre, fixed grid.
+PROTOCOLS = ("random", "center", "grid")
+
+
+@functools.cache
+def _configure_pillow():
+    """PIL's process-wide settings this module's decoding relies on, made on first decode.
+
+    PIL's pixel limit gives way to MAX_JPEG_PIXELS / MAX_OTHER_PIXELS, and a
+    truncated file never passes as a (partly grey) image.
+    """
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _open(source, name: str) -> Image.Image:
@@ -116,6 +127,7 @@ def open_rgb(source, *, name: str | None = None, min_size: tuple[int, int] | Non
     """
     name = name if name is not None else (
         "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+    _configure_pillow()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -264,7 +276,7 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
         xs = np.round(np.linspace(0, width - crop, cols)).astype(np.int64)
         grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
         return grid[:num]
-    raise ConfigError(f"unknown crop protocol {protocol!r}; use 'random', 'center' or 'grid'")
+    raise ConfigError(f"unknown crop protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
 
 
 def extract_crops(image: np.ndarray, positions: np.ndarray, crop: int,

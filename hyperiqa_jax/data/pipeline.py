@@ -32,6 +32,7 @@ import numpy as np
 from absl import flags
 
 from hyperiqa_jax.data.image import (
+    PROTOCOLS,
     ImageDecodeError,
     crop_positions,
     eval_crops,
@@ -281,8 +282,8 @@ def make_eval_batches(records, data_config, *, batch_size: int, seed: int = 0,
     images, TooManyBadImagesError.
     """
     protocol = protocol or data_config.eval_protocol
-    if protocol not in ("random", "center", "grid"):
-        raise ConfigError(f"unknown eval protocol {protocol!r}; use random, center or grid")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown eval protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     source = as_source(records)
     crop = int(data_config.crop_size)
     num = num_eval_crops(data_config, protocol, num_crops)
