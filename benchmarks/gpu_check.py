@@ -159,7 +159,7 @@ def markdown(result) -> str:
         step = sum(j.get(k, 0) for k in ("argument_mb", "output_mb", "temp_mb")) or None
         out.append(f"{head} {_f(j['images_per_s'])} | {_f(t.get('images_per_s'))} "
                    f"| {_f(r.get('median_ratio'), '{:.2f}')} | {_f(j['mfu'], '{:.1%}')} "
-                   f"| {_f(j['flops_per_step'] and j['flops_per_step'] / 1e9)} "
+                   f"| {_f(j['flops_per_step'] and j['flops_per_step'] / 1e9, '{:.4g}')} "
                    f"| {_f(step, '{:.0f}')} | {_f(j.get('peak_mb'), '{:.0f}')} "
                    f"| {_f(t.get('peak_mb'), '{:.0f}')} "
                    f"| {_f(r.get('baseline_jax_images_per_s'))} "
@@ -192,7 +192,7 @@ def main(argv, flag_values=None) -> int:
         (out / "gpu_check.md").write_text(markdown(result))
     print(markdown(result))
     failed = sum("error" in r for r in result["rows"])
-    print(f"{len(keys)} rows ({failed} failed): {out}/gpu_check.json, gpu_check.md")
+    print(f"rows: {len(keys)}, failed: {failed}; written: {out}/gpu_check.json, gpu_check.md")
     return 0
 
 

@@ -1,5 +1,5 @@
 r"""Training input throughput: the grain pipeline's variants, the training loop's feed, and
-the PyTorch reference's loader, on the same generated KonIQ-sized JPEGs.
+the PyTorch original's loader, on the same generated KonIQ-sized JPEGs.
 
     python -m benchmarks.input_pipeline                       # every variant, >= 10 s each
     python -m benchmarks.input_pipeline --variants=threads,processes --workers=4 --json=out.json
@@ -8,22 +8,19 @@ Every variant makes batches of 224x224 crops after a horizontal flip and
 Resize((512, 384)), 20 crops per image per epoch:
 
 - threads:      make_train_dataset, decoding in --workers threads (uint8 crops out);
-- processes:    the same stream decoded in --workers grain worker processes (one
-                thread each; data.worker_processes);
-- float32:      threads, plus the ImageNet normalisation on the host (what the
-                step does on the device instead);
-- array_record: threads, reading a TFDS array_record build of the same images
-                stored pre-resized to 512x384 (`build_tfds(..., resize=...)`);
-- loop:         threads, consumed as the training loop consumes them (`DeviceBatches`:
-                global arrays, prefetched, a jitted step per batch that depends on
-                it but computes almost nothing): the loop's own cost;
-- reference:    the PyTorch original's way: every image listed 20 times, each
-                sample decodes the JPEG, then flip, Resize, RandomCrop, ToTensor,
-                Normalize; torch DataLoader(shuffle=True, num_workers=--workers).
+- processes:    the same, decoding in --workers grain worker processes of one thread;
+- float32:      threads plus the ImageNet normalisation on the host (the step does it);
+- array_record: threads, reading a TFDS array_record build of the images stored
+                pre-resized to 512x384 (`build_tfds(..., resize=...)`);
+- loop:         threads, consumed as training consumes them (`DeviceBatches`, a
+                jitted step per batch that computes almost nothing): the loop's cost;
+- reference:    torch DataLoader(shuffle=True, num_workers=--workers) over every image
+                listed 20 times, each sample decoding its JPEG, then flip, Resize,
+                RandomCrop, ToTensor, Normalize.
 
-Each variant is timed for at least --min_seconds and --min_batches after --warmup
-batches. Reported: crops/s, crops/s per decoding worker, images/s (= crops/s /
-crops per image), MB/s crossing to the device, and the ratios to `threads`.
+Each is timed for at least --min_seconds and --min_batches after --warmup batches.
+Reported: crops/s, crops/s per decoding worker, images/s (= crops/s / crops per
+image), MB/s crossing to the device, and the ratio to `threads`.
 """
 
 import json
@@ -34,6 +31,9 @@ import time
 import numpy as np
 from absl import flags
 from PIL import Image
+
+from benchmarks import throughput
+from hyperiqa_jax.errors import ConfigError
 
 VARIANTS = ("threads", "processes", "float32", "array_record", "loop", "reference")
 SETTINGS = ("num_images", "crop", "crops", "batch_size", "min_seconds", "min_batches",
@@ -183,11 +183,9 @@ def bench_reference(paths, settings):
 
 
 def run(settings) -> dict:
-    from benchmarks import throughput
-
     unknown = set(settings["variants"]) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+        raise ConfigError(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
     with tempfile.TemporaryDirectory() as tmp:
         base = settings["data_dir"] or tmp
         settings = dict(settings, folder=os.path.join(base, "jpegs"),
@@ -222,9 +220,6 @@ def print_table(report):
 
 
 def main(argv):
-    from benchmarks import throughput
-    from hyperiqa_jax.errors import ConfigError
-
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS

@@ -37,11 +37,10 @@ from hyperiqa_jax import config_defaults
 from hyperiqa_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-# "nano": 56x56 crops of a width-8 Swin with one block per stage and small heads, for tests.
-# "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
-# per image), for smoke tests. "demo": configs/demo.py, the
-# model `make demo` trains (JAX only: the PyTorch reference has no local-energy stem); its
-# train step at batch 8, times the demo's number of steps, is most of the demo's wall time.
+# "nano": 56x56 crops of a width-8 Swin with one block per stage and small heads (tests).
+# "micro": Swin-T E6 with a narrow one-block-per-stage backbone (~0.35 GFLOPs per image).
+# "demo": configs/demo.py, the model `make demo` trains (JAX only: the PyTorch reference has
+# no local-energy stem); its train step at batch 8 is most of the demo's wall time.
 MODELS = ("nano", "micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
 # Backbone overrides that timm's Swin, and so the PyTorch reference, has no counterpart of:

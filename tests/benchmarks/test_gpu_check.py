@@ -69,7 +69,7 @@ def test_markdown_is_the_json(run):
     assert cells == [["nano", "eval", "float32", "1", f"{j['images_per_s']:.1f}",
                       f"{row['frameworks']['torch']['images_per_s']:.1f}",
                       f"{row['median_ratio']:.2f}", f"{j['mfu']:.1%}",
-                      f"{j['flops_per_step'] / 1e9:.1f}", f"{step_mb:.0f}", "-", "-", "-", "-"]]
+                      f"{j['flops_per_step'] / 1e9:.4g}", f"{step_mb:.0f}", "-", "-", "-", "-"]]
 
 
 def test_baseline_from_an_earlier_json(run, tmp_path):
