@@ -16,10 +16,10 @@ s/step and the card's dense peak for the dtype; float32 matmuls run as TF32);
 memory (XLA's memory analysis of the step, the device's peak bytes in use in this
 process so far, torch.cuda.max_memory_allocated); with --baseline, the baseline's
 JAX images/s and the speed-up over it. --baseline REF (a git ref) first runs this
-benchmark with the same settings from a `git worktree` of REF, in a child process;
---baseline FILE reads the gpu_check.json of an earlier run. JAX allocates GPU
-memory as it needs it (XLA_PYTHON_CLIENT_PREALLOCATE=false), leaving room for the
-PyTorch reference. A row that fails (out of memory, say) records its error.
+benchmark's JAX rows with the same settings from a `git worktree` of REF, in a child
+process; --baseline FILE reads the gpu_check.json of an earlier run. JAX allocates
+GPU memory as it needs it (XLA_PYTHON_CLIENT_PREALLOCATE=false), leaving room for
+the PyTorch reference. A row that fails (out of memory, say) records its error.
 """
 
 import gc
@@ -36,9 +36,8 @@ from benchmarks import throughput
 from hyperiqa_jax.errors import ConfigError, UserError
 
 KEY = ("model", "mode", "dtype", "batch")
-# What is measured: a baseline run gets the same.
-SETTINGS = ("models", "modes", "dtypes", "batches", "repeats", "steps_per_call", "torch",
-            "peak_flops")
+# What is measured: a baseline run gets the same (JAX only: the speed-up is JAX's).
+SETTINGS = ("models", "modes", "dtypes", "batches", "repeats", "steps_per_call", "peak_flops")
 
 
 def define_flags(flag_values=None):
@@ -90,10 +89,12 @@ def measure_row(key, args) -> dict:
     except Exception as error:  # out of memory, mostly: the other rows still run
         text = (str(error).strip().splitlines() or [""])[0][:300]
         return {**dict(zip(KEY, key)), "error": f"{type(error).__name__}: {text}"}
-    finally:  # this row's memory, free for the next
+    finally:  # this row's memory, free for the next; torch's peak counted per row
         gc.collect()
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-            sys.modules["torch"].cuda.empty_cache()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
 
 def baseline_result(baseline, args) -> dict:
@@ -115,7 +116,7 @@ def baseline_result(baseline, args) -> dict:
             print(f"baseline: {baseline} = {commit[:12]}", flush=True)
             status = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check",
                                      *(args[name].serialize() for name in SETTINGS),
-                                     f"--out={tmp}/out"], cwd=tree).returncode
+                                     "--notorch", f"--out={tmp}/out"], cwd=tree).returncode
             if status:
                 raise UserError(f"--baseline {baseline}: its benchmark failed (status {status}, "
                                 "output above)")
@@ -146,7 +147,8 @@ def markdown(result) -> str:
            f"{' (modified)' if env['tree_dirty'] else ''}, {versions}", "",
            f"`{result['command']}`", ""]
     if base:
-        out += [f"Baseline: {base['name']} (commit {base['commit']}).", ""]
+        out += [f"Baseline: {base['name']} (commit {base['commit']}, "
+                f"{base['environment']['device']}).", ""]
     out += ["| model | mode | dtype | batch | JAX images/s | torch images/s | JAX/torch | MFU "
             "| GFLOP/step | XLA step MiB | JAX peak MiB | torch peak MiB | baseline images/s "
             "| speed-up |", "|" + "---|" * 14]

@@ -174,12 +174,14 @@ def benchmark(args, paths) -> dict:
     if args.predict_cli:  # first: this process holds no device memory yet
         runs["predict_cli"], scores["predict_cli"] = predict_cli_row(
             args.checkpoint, paths, args.batch_size, args.min_seconds)
+        print(f"predict CLI: {runs['predict_cli']['images_per_s']:.2f} images/s", flush=True)
     start = time.perf_counter()
     model = QualityModel.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
     load_s = time.perf_counter() - start
     forward = jax.jit(lambda v, x: predict_scores(model.model, v, x, model.label_stats)[0])
     for name, score_paths in in_process_scorers(model, forward).items():
         runs[name], scores[name] = scorer_row(score_paths, paths, args.min_seconds)
+        print(f"{LABELS[name]}: {runs[name]['images_per_s']:.2f} images/s", flush=True)
     runs["quality_model"]["load_s"] = load_s
     runs.update(work_rows(model, forward, paths, args.batch_size, args.min_seconds))
 

@@ -151,18 +151,11 @@ class JaxRunner:
             out["peak_mb"] = stats["peak_bytes_in_use"] / 2**20
         return out
 
-    def cost(self, which="compiled") -> dict:
-        """XLA's cost analysis of the compiled step (or of the lowered, unoptimised HLO)."""
+    def flops(self, which="compiled") -> float | None:
+        """XLA's FLOP count of the compiled step (or of the lowered, unoptimised HLO)."""
         cost = (self.compiled if which == "compiled" else self.lowered).cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return dict(cost or {})
-
-    def flops(self) -> float | None:
-        return _float_or_none(self.cost().get("flops"))
-
-
-def _float_or_none(value):
-    return None if value is None else float(value)
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
+        return None if cost.get("flops") is None else float(cost["flops"])
 
 
 class TorchRunner:
@@ -356,7 +349,7 @@ def measure(model, mode, batch, dtype="float32", frameworks=("jax",), *, repeats
         if name == "jax":
             flops, peak = runner.flops(), peak or peak_flops(device, dtype)
             entry.update(flops_per_step=flops, peak_flops=peak,
-                         flops_lowered=_float_or_none(runner.cost("lowered").get("flops")),
+                         flops_lowered=runner.flops("lowered"),
                          mfu=flops / median / peak if flops and peak else None)
         else:
             entry.update(layout=runner.layout, compiled=bool((torch_options or {}).get("compile")))
