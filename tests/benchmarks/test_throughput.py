@@ -116,6 +116,7 @@ def test_demo_model_is_jax_only(capsys):
 
 def test_peak_lookup():
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe", "float32") == 378e12  # not the SXM's
     assert throughput.peak_flops("NVIDIA H200", "bfloat16") == 989e12
     assert throughput.peak_flops("NVIDIA H200", "float32") == 494e12  # TF32, dense
     assert throughput.peak_flops("TPU v5p", "float32") == 459e12  # bf16 passes on TPU
