@@ -97,10 +97,6 @@ def test_library_use_never_re_executes(tmp_path):
     assert out.returncode == 0 and out.stdout.split()[0] == "False", out.stderr[-2000:]
 
 
-# The commands that load JAX when they start (benchmarks.scoring loads it later).
-COMMANDS = [c for c in allocator.COMMANDS if c != "benchmarks.scoring"]
-
-
 def _imports(module):
     """Modules `python -X importtime -m module --help` imports, counted over all its processes."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
@@ -112,7 +108,7 @@ def _imports(module):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
-@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.parametrize("module", allocator.COMMANDS)
 def test_commands_re_execute_before_loading_jax(module):
     # The re-execution replaces the process: whatever the first one imported is loaded
     # twice (~2-3 s for JAX, grain and orbax on a 2-core machine). -X importtime is kept
