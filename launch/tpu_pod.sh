@@ -98,14 +98,18 @@ if ((mounted == 0)); then
         "$@") || exit 2
 fi
 
-# What ships: the checkout's tracked and untracked files as they are on disk (edits
-# included); ignored ones (weights/, runs/, .venv/) stay here.
+# What ships: the files git tracks, as they are on disk (uncommitted edits included);
+# untracked ones (weights/, data, runs/) stay here.
+git -C "$repo_root" ls-files --error-unmatch -- "$config" >/dev/null 2>&1 \
+    || die "-c $config is not tracked by git, so it would not reach the workers:" \
+        "git add it first"
 tarball=$(mktemp --suffix=.tar.gz)
-(cd "$repo_root" && git ls-files -z --cached --others --exclude-standard \
+(cd "$repo_root" && git ls-files -z --cached \
     | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
     | tar --null -T - -czf "$tarball")
-echo "[tpu_pod] shipping $(tar -tzf "$tarball" | wc -l) files of $repo_root" \
-    "(git-ignored files such as weights/ stay here)" >&2
+untracked=$(git -C "$repo_root" ls-files --others --exclude-standard | wc -l)
+echo "[tpu_pod] shipping the $(tar -tzf "$tarball" | wc -l) files git tracks in" \
+    "$repo_root ($untracked untracked file(s) stay here)" >&2
 
 tpu=(gcloud compute tpus tpu-vm)
 worker_script="bash ~/hyperiqa_jax/launch/tpu_worker.sh"

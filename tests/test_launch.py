@@ -160,12 +160,20 @@ def test_local_paths_are_refused_before_anything_is_created(fakes, args, flag):
     assert launch_fakes.calls(fakes.state) == []
 
 
-def test_a_config_outside_the_checkout_is_refused(fakes, tmp_path):
+def test_a_config_the_workers_would_not_get_is_refused(fakes, tmp_path):
     config = tmp_path / "mine.py"
     config.write_text("")
     done = run_script(fakes, "tpu_pod.sh", "-n", "iqa", "-z", "z1", "-t", "v4-8", "-w",
                       "gs://b/r", "-d", "gs://b/d", "-c", str(config))
     assert done.returncode == 2 and "a config file of this checkout" in done.stderr
+    untracked = "configs/untracked_for_test_launch.py"
+    (REPO / untracked).write_text((REPO / "configs" / "demo.py").read_text())
+    try:
+        done = run_script(fakes, "tpu_pod.sh", "-n", "iqa", "-z", "z1", "-t", "v4-8", "-w",
+                          "gs://b/r", "-d", "gs://b/d", "-c", untracked)
+    finally:
+        (REPO / untracked).unlink()
+    assert done.returncode == 2 and "is not tracked by git" in done.stderr
     assert launch_fakes.calls(fakes.state) == []
 
 
@@ -234,9 +242,12 @@ def test_a_full_run_installs_runs_detached_follows_and_deletes(fakes):
         assert "fake train finished" in copied.read_text()
         assert "train exited with status 0" in copied.read_text()
     assert "fake train finished" in done.stdout  # followed from worker 0
-    # Only the checkout's own files ship; .gitignore'd folders such as .venv stay here.
+    # The files git tracks ship, and only those.
     shipped = worker(fakes, 0) / "hyperiqa_jax"
-    assert (shipped / "launch" / "tpu_worker.sh").exists() and not (shipped / ".venv").exists()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file()) == \
+        sorted(t for t in tracked if (REPO / t).exists())
 
 
 def test_preempted_run_exits_75_and_a_reused_slice_is_never_deleted(fakes):
