@@ -208,7 +208,7 @@ case "$command" in
     setup | start | run | follow | stop) "$command" "$@" ;;
     status) show_status ;;
     *)
-        sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2
         ;;
 esac
