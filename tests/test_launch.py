@@ -6,6 +6,7 @@ from the CPUs a process may use, TensorBoard events on a gs:// workdir.
 """
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -485,6 +486,20 @@ def test_local_cluster_counts_a_preemption_exit_as_a_stop_not_a_failure(tmp_path
     assert done.returncode == 75, done.stderr
     assert "process 0 devices 3" in done.stdout
     assert "stopping the others" not in done.stderr
+
+
+def test_local_cluster_devices_reach_jax(tmp_path):
+    """JAX_NUM_CPU_DEVICES (not XLA_FLAGS) gives each process its devices: 2 x 2 = one
+    4-device mesh (tests/distributed_worker.py, as in tests/test_distributed.py)."""
+    done = subprocess.run(["bash", str(LAUNCH / "local_cluster.sh"), "-n", "2", "-d", "2",
+                           "-t", "240", "-l", str(tmp_path), "--", sys.executable,
+                           str(REPO / "tests" / "distributed_worker.py")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (seen["process_count"], seen["device_count"], seen["local_device_count"]) == (2, 4, 2)
+    assert seen["psum"] == [6.0]
 
 
 # ---------------------------------------------------------------------------- train, data, logs
