@@ -266,13 +266,14 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     return info
 
 
+_CUDA_HINT = ("is a GPU visible (nvidia-smi) and is the CUDA build of jax installed "
+              "(launch/setup_gpu.sh installs jax[cuda12] pinned to constraints.txt)?")
 PLATFORM_HINTS = {
-    "cuda": "is a GPU visible (nvidia-smi) and is the CUDA build of jax installed "
-            "(launch/setup_gpu.sh installs jax[cuda12] pinned to constraints.txt)?",
-    "gpu": "is a GPU visible (nvidia-smi) and is the CUDA build of jax installed "
-           "(launch/setup_gpu.sh installs jax[cuda12] pinned to constraints.txt)?",
-    "tpu": "is jax[tpu] installed, and is another process holding the TPU "
-           "(launch/tpu_ctl.sh NAME ZONE stop, or `sudo lsof -w /dev/accel* /dev/vfio/*`)?",
+    "cuda": _CUDA_HINT,
+    "gpu": _CUDA_HINT,
+    "tpu": "is jax[tpu] installed, and does another process hold the TPU (`sudo lsof -w "
+           "/dev/accel* /dev/vfio/*`; launch/tpu_pod.sh stops such processes and removes "
+           "/tmp/libtpu_lockfile before a run)?",
 }
 
 
