@@ -115,7 +115,7 @@ class QualityModel:
         self.label_stats = tuple(float(x) for x in label_stats)
         self.protocol = protocol or config.data.eval_protocol
         self.num_crops = image_lib.num_eval_crops(config.data, self.protocol, num_crops)
-        self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+        self.num_workers = num_workers or min(8, pipeline.usable_cpu_count())
         self.source = source
         devices = jax.local_devices()
         # Default: the run's evaluation batch (its numbers then match training-time

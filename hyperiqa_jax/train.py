@@ -7,6 +7,8 @@ The workdir collects everything: `checkpoints/` (latest K, resumable: rerun the
 same command to continue exactly where it stopped), `best/` (best test SRCC,
 what evaluate/predict read), `metrics.jsonl`, TensorBoard events in `tb/` and
 `summary.json`. It may be a `gs://` path (etils.epath, as Orbax uses).
+Exit status: 0 when the run ends, 75 (EXIT_PREEMPTED) after SIGTERM stopped it
+with a checkpoint saved (the launchers requeue or rerun on it), 2 for a user error.
 
 Read top to bottom, the file follows the data: config -> steps -> evaluation
 -> logging -> the run (mesh, input, state, loop). The global batch is split
@@ -58,6 +60,12 @@ def _log(message):
 
 def _config_to_json(config):
     return json.loads(config.to_json_best_effort())
+
+
+# Exit status after SIGTERM stopped the run with a checkpoint saved (EX_TEMPFAIL of
+# sysexits.h, "try again"): a job scheduler's requeue path acts on it; 0 means finished.
+EXIT_PREEMPTED = 75
+PREEMPTED = "preempted (SIGTERM): checkpoint saved, rerun to resume"
 
 
 def workdir_path(workdir):
@@ -440,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpoint_meta(config, label_stats, step, steps_per_epoch, progress),
                     state_kind="train"))
             if preempted:
-                stop_reason = "preempted (SIGTERM): checkpoint saved, rerun to resume"
+                stop_reason = PREEMPTED
             if stop_reason != "completed":
                 break
     bar.close()
@@ -534,7 +542,23 @@ def main(argv):
             "(needs the torch extra) and pass --config.pretrained_backbone=DIR, or '' to train "
             "from scratch")
     check_images(load_train_test_records(FLAGS.config)[0], FLAGS.config.data)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    return exit_status(summary)
+
+
+def exit_status(summary):
+    """0 for a finished run, EXIT_PREEMPTED when SIGTERM stopped it (checkpoint saved).
+
+    With several processes all of them first meet here: a launcher that stops the
+    others when one exits non-zero (srun --kill-on-bad-exit) then cannot cut short a
+    peer that is still closing its checkpoint or writing the summary.
+    """
+    if summary["stop_reason"] != PREEMPTED:
+        return 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hyperiqa_jax.train preempted exit")
+    return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -172,18 +172,27 @@ class _TrainGroup:
         return {"image": crops[order], "score": np.concatenate(scores)[order]}
 
 
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a SLURM
+    task's --cpus-per-task, a container's or taskset's CPU set), else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_worker_processes() -> int:
-    """data.worker_processes=-1: decoding processes that fit this host.
+    """data.worker_processes=-1: decoding processes that fit this process's CPUs.
 
     On the CPU backend the model's own step needs the cores, so decoding stays
-    in threads (0). With a GPU or TPU, the host's cores go to decoding: one
-    process per core left after one per local device, at most 16.
+    in threads (0). With a GPU or TPU, the cores go to decoding: one process
+    per usable CPU (`usable_cpu_count`) left after one per local device, at
+    most 16.
     """
     import jax
 
     if jax.default_backend() == "cpu":
         return 0
-    return max(0, min(16, (os.cpu_count() or 1) - jax.local_device_count()))
+    return max(0, min(16, usable_cpu_count() - jax.local_device_count()))
 
 
 def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
