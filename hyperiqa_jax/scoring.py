@@ -20,11 +20,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hyperiqa_jax import checkpointing, state
+from hyperiqa_jax import checkpointing
 from hyperiqa_jax.data import image as image_lib
 from hyperiqa_jax.data import pipeline
 from hyperiqa_jax.data.records import Record
-from hyperiqa_jax.errors import UserError
 
 
 def predict_scores(model, variables, images, label_stats):
@@ -136,31 +135,9 @@ class QualityModel:
     @classmethod
     def from_checkpoint(cls, path, **kwargs):
         """Loads a training workdir (best checkpoint, else latest), best/, or a step folder."""
-        from hyperiqa_jax import models
-
-        manager_dir, step = find_checkpoint(path)
-        where = f"checkpoint {manager_dir}/{step}"
-        try:
-            meta = checkpointing.read_meta(manager_dir, step)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{where}: its meta item cannot be read ({_first_line(e)}); point "
-                            "--checkpoint at a run written by hyperiqa_jax.train") from e
-        if not {"model", "data", "train"} <= set(meta.get("config") or {}):
-            raise UserError(f"{where}: its meta item holds no training config; point "
-                            "--checkpoint at a run written by hyperiqa_jax.train")
-        config = checkpointing.config_from_meta(meta)
-        model = models.build_model(config.model)
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = checkpointing.with_shardings(
-            state.abstract_inference_variables(model, config.data.crop_size), sharding)
-        try:  # only params (and batch_stats), from a train or an inference checkpoint
-            variables = checkpointing.restore_variables(manager_dir, step, target)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{where}: its parameters cannot be restored into the model its "
-                            f"config describes ({_first_line(e)}); was it written by another "
-                            "version of this code, or only partly?") from e
-        return cls(model, variables, config, meta.get("label_mean_std", (0.0, 1.0)),
-                   source=f"{manager_dir}/{step}", **kwargs)
+        ckpt = checkpointing.load_for_inference(path)
+        return cls(ckpt.model, ckpt.variables, ckpt.config, ckpt.label_stats,
+                   source=ckpt.source, **kwargs)
 
     def crops(self, image, index=0):
         """uint8 [num_crops, crop, crop, 3]: the crops scored for one path / bytes / array."""
@@ -222,18 +199,8 @@ class QualityModel:
         return scores, np.stack(attention)
 
 
-def find_checkpoint(path):
-    """`checkpointing.find_checkpoint`, saying what --checkpoint takes when `path` is absent."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint path {os.path.abspath(path)} does not exist; --checkpoint "
-                        "takes a training workdir (e.g. runs/demo, which `make demo` writes), "
-                        "its best/ or checkpoints/ folder, or one step folder")
-    return checkpointing.find_checkpoint(path)
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+# What --checkpoint resolves to (evaluate derives the run's workdir from it).
+find_checkpoint = checkpointing.resolve_checkpoint
 
 
 def _name(x):

@@ -22,6 +22,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from hyperiqa_jax.errors import ConfigError, ImageDecodeError
 from hyperiqa_jax.paths import is_url, read_bytes
 
+# Where evaluation crops sit (`crop_positions`): seeded random corners, the centre, or a
+# fixed grid from corner to corner. Every flag and config check that takes a protocol
+# lists these.
+PROTOCOLS = ("random", "center", "grid")
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -264,7 +269,7 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
         xs = np.round(np.linspace(0, width - crop, cols)).astype(np.int64)
         grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
         return grid[:num]
-    raise ConfigError(f"unknown crop protocol {protocol!r}; use 'random', 'center' or 'grid'")
+    raise ConfigError(f"unknown crop protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
 
 
 def extract_crops(image: np.ndarray, positions: np.ndarray, crop: int,
