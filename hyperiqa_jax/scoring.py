@@ -9,16 +9,23 @@ Scores are on the label scale of the training set, higher = better quality
 mean over its crops; by default crops sit on a fixed grid (deterministic), as
 many per image as the run's `data.test_crops`, after the run's resize.
 Crops of many images are batched together to fill the devices.
+
+Quality maps say where in an image quality is lost: `model.quality_maps(images,
+stride)` scores crops on a dense grid (every `stride` pixels of the resized
+image) and yields a `QualityMap` of their scores per image.
 """
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 from hyperiqa_jax import checkpointing
 from hyperiqa_jax.data import image as image_lib
@@ -104,6 +111,56 @@ class _ImageList:
         return self.images[i], float("nan"), _name(self.images[i])
 
 
+MAP_THUMBNAIL_SIZE = 384  # pixels, the longer side of a map's picture
+
+
+def dense_positions(height: int, width: int, crop: int, stride: int):
+    """(tops, lefts): crop corners every `stride` pixels down and across, the last ones
+    flush with the far edges so that every pixel is covered."""
+    def corners(size):
+        last = size - crop
+        out = list(range(0, last + 1, stride))
+        return np.array(out if out[-1] == last else [*out, last], np.int64)
+
+    return corners(height), corners(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityMap:
+    """Scores of crops on a dense grid over one image: where its quality is lost.
+
+    scores[r, c] (label units, higher = better) is the crop whose top-left corner
+    is (tops[r], lefts[c]) in the image resized as for scoring (`image_size`).
+    """
+
+    scores: np.ndarray          # float64 [rows, cols]
+    tops: np.ndarray            # int [rows]
+    lefts: np.ndarray           # int [cols]
+    crop_size: int
+    stride: int
+    image_size: tuple           # (height, width) the corners refer to
+    thumbnail: np.ndarray       # uint8 [h, w, 3]: the resized image, longer side <= 384
+
+    def coverage_mean(self, height: int, width: int) -> np.ndarray:
+        """float64 [height, width]: each pixel's mean score over the crops that cover it,
+        the image scaled to height x width."""
+        sy, sx = height / self.image_size[0], width / self.image_size[1]
+        total = np.zeros((height, width))
+        count = np.zeros((height, width))
+        for r, top in enumerate(self.tops):
+            y0, y1 = round(top * sy), round((top + self.crop_size) * sy)
+            for c, left in enumerate(self.lefts):
+                x0, x1 = round(left * sx), round((left + self.crop_size) * sx)
+                total[y0:y1, x0:x1] += self.scores[r, c]
+                count[y0:y1, x0:x1] += 1
+        return total / np.maximum(count, 1)
+
+    def to_json(self) -> dict:
+        return {"crop_size": self.crop_size, "stride": self.stride,
+                "image_size": list(self.image_size), "tops": self.tops.tolist(),
+                "lefts": self.lefts.tolist(), "scores": self.scores.tolist()}
+
+
 class QualityModel:
     """A trained model plus its preprocessing; `score` maps images to quality scores."""
 
@@ -175,6 +232,70 @@ class QualityModel:
                                          jax.device_put(batch["image"], self._batch_sharding))
         return score, attention, batch["image_index"], batch["valid"]
 
+    def quality_maps(self, images: Iterable, stride: int) -> Iterator[tuple]:
+        """Yields (index, QualityMap or None, error or None) per input, in input order.
+
+        Crops of `crop_size` every `stride` pixels over each image (resized as for
+        scoring), batched across images like `iter_scores`.
+        """
+        source = _ImageList(list(images))
+        crop, data_config = self.crop_size, self.config.data
+
+        def load(index):
+            image, _, name = source[index]
+            try:
+                pixels = image_lib.eval_pixels(image, data_config, name=name)
+            except image_lib.ImageDecodeError as e:
+                return index, None, e.reason
+            tops, lefts = dense_positions(pixels.shape[0], pixels.shape[1], crop, stride)
+            corners = np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
+            return index, (image_lib.extract_crops(pixels, corners, crop), tops, lefts,
+                           pixels.shape[:2], _thumbnail(pixels)), None
+
+        loaded = grain.MapDataset.range(len(source)).map(load).to_iter_dataset(
+            grain.ReadOptions(num_threads=self.num_workers,
+                              prefetch_buffer_size=2 * self.num_workers))
+        expected, scores, done = {}, {}, {}
+
+        def batches():  # rows of consecutive images, a whole batch per call
+            image = np.zeros((self.batch_size, crop, crop, 3), np.uint8)
+            index = np.full((self.batch_size,), -1, np.int32)
+            fill = 0
+            for i, item, error in loaded:
+                expected[i] = 0 if item is None else len(item[0])
+                done[i] = (item, error)
+                scores[i] = []
+                for row in (item[0] if item is not None else ()):
+                    image[fill], index[fill] = row, i
+                    fill += 1
+                    if fill == self.batch_size:
+                        yield {"image": image.copy(), "image_index": index.copy(),
+                               "valid": index >= 0}
+                        fill = 0
+            if fill:
+                image[fill:], index[fill:] = 0, -1
+                yield {"image": image, "image_index": index, "valid": index >= 0}
+
+        def finished(i):
+            item, error = done.pop(i)
+            row_scores = np.asarray(scores.pop(i), np.float64)
+            if item is None:
+                return i, None, error
+            _, tops, lefts, size, thumbnail = item
+            return i, QualityMap(row_scores.reshape(len(tops), len(lefts)), tops, lefts, crop,
+                                 stride, tuple(int(x) for x in size), thumbnail), None
+
+        next_index = 0
+        for score, _, index, _ in overlapped(batches(), self._score_batch):
+            for s, i in zip(score[index >= 0], index[index >= 0]):
+                scores[int(i)].append(float(s))
+            while next_index in expected and len(scores[next_index]) == expected[next_index]:
+                yield finished(next_index)
+                next_index += 1
+        while next_index < len(source):  # images after the last row: failed ones
+            yield finished(next_index)
+            next_index += 1
+
     def score(self, images, *, return_attention=False, errors="raise"):
         """Quality scores (float64 [N], higher = better) for paths, bytes or uint8 arrays.
 
@@ -201,6 +322,12 @@ class QualityModel:
 
 # What --checkpoint resolves to (evaluate derives the run's workdir from it).
 find_checkpoint = checkpointing.resolve_checkpoint
+
+
+def _thumbnail(pixels, size=MAP_THUMBNAIL_SIZE):
+    img = Image.fromarray(pixels)
+    img.thumbnail((size, size))
+    return np.asarray(img)
 
 
 def _name(x):

@@ -2,8 +2,12 @@
 
 import csv
 import io
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +98,102 @@ def test_good_files_to_stdout_exit_0(workdir, folder):
 def test_help_states_score_direction():
     proc = _run(["--help"])
     assert "higher = better" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------- large collections
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable,
+                JAX_COMPILATION_CACHE_DIR=train_utils.enable_compilation_cache(),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+
+
+def _predict(*args):
+    return subprocess.run([sys.executable, "-m", "hyperiqa_jax.predict", *map(str, args)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """60 photos-like PNGs and one broken file: enough batches to stop a run in the middle."""
+    d = tmp_path_factory.mktemp("collection")
+    train_utils.write_images(d, 60, size=(300, 200))
+    (d / "img_030_broken.png").write_bytes(b"not a png")
+    return d
+
+
+SMALL_BATCHES = ["--batch_size", "8", "--num_crops", "4"]  # 2 images per model call
+
+
+def test_rerun_skips_scored_files_and_gives_the_same_csv(workdir, collection, tmp_path):
+    out = tmp_path / "scores.csv"
+    first = _predict("--checkpoint", workdir, "--output", out, *SMALL_BATCHES, collection)
+    assert first.returncode == 1, first.stderr[-2000:]  # the broken file
+    want = out.read_bytes()
+    rows = list(csv.DictReader(io.StringIO(want.decode())))
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in collection.iterdir())
+    assert "61 images (1 failed)" in first.stderr
+    # As if killed: the part file loses its last rows and ends in a torn line.
+    part = out.parent / "scores.csv.parts" / "part-00000-of-00001.csv"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:40]) + lines[40][:12])
+    out.unlink()
+    again = _predict("--checkpoint", workdir, "--output", out, *SMALL_BATCHES, collection)
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert "resuming: 39 of 61 files already scored" in again.stderr  # 40 rows, 1 failed
+    assert out.read_bytes() == want
+    # Other settings are refused, not mixed in.
+    other = _predict("--checkpoint", workdir, "--output", out, "--batch_size", "8", collection)
+    assert other.returncode == 2
+    assert "other settings (num_crops" in other.stderr and "delete the folder" in other.stderr
+
+
+def _cluster(logs, *predict_args):
+    return subprocess.Popen(
+        ["launch/local_cluster.sh", "-n", "2", "-d", "1", "-t", "500", "-l", str(logs), "--",
+         "python", "-m", "hyperiqa_jax.predict", *map(str, predict_args)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_survive_kill_9(workdir, collection, tmp_path):
+    """Two loopback processes write the same CSV as one, byte for byte; killed with
+    SIGKILL in the middle, the same command finishes the job with the same CSV."""
+    one = tmp_path / "one.csv"
+    single = _predict("--checkpoint", workdir, "--output", one, *SMALL_BATCHES, collection)
+    assert single.returncode == 1, single.stderr[-2000:]
+
+    two = tmp_path / "two.csv"
+    proc = _cluster(tmp_path / "logs_two", "--checkpoint", workdir, "--output", two,
+                    *SMALL_BATCHES, collection)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]  # process 0: one file failed
+    assert "61 images (1 failed)" in out and "over 2 processes" in out
+    assert two.read_bytes() == one.read_bytes()
+    parts = sorted(p.name for p in (tmp_path / "two.csv.parts").iterdir())
+    assert parts == ["part-00000-of-00002.csv", "part-00001-of-00002.csv", "run.json"]
+
+    killed = tmp_path / "killed.csv"
+    logs = tmp_path / "logs_killed"
+    proc = _cluster(logs, "--checkpoint", workdir, "--output", killed, *SMALL_BATCHES,
+                    collection)
+    part = tmp_path / "killed.csv.parts" / "part-00001-of-00002.csv"
+    deadline = time.time() + 500
+    while not (part.exists() and part.stat().st_size > 0):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    for pid in (logs / "pids").read_text().split():
+        os.kill(int(pid), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not killed.exists()
+    rows = sum(len(predict.read_complete_rows(p)) for p in part.parent.glob("part-*"))
+    assert 0 < rows < 61
+
+    proc = _cluster(logs, "--checkpoint", workdir, "--output", killed, *SMALL_BATCHES,
+                    collection)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]
+    scored_before = int(re.search(r"resuming: (\d+) of 61", out).group(1))
+    assert 0 < scored_before < 61
+    assert killed.read_bytes() == one.read_bytes()

@@ -300,20 +300,13 @@ def num_eval_crops(data_config, protocol: str | None = None, num_crops: int | No
     return int(num_crops or data_config.test_crops)
 
 
-def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: str | None = None,
-               num_crops: int | None = None, name: str | None = None) -> np.ndarray:
-    """The evaluation crops of one image: uint8 [N, crop, crop, 3].
+def eval_pixels(image, data_config, *, name: str | None = None) -> np.ndarray:
+    """uint8 [h, w, 3]: the image evaluation crops are cut from, after data.resize.
 
-    The one definition used by training-time evaluation, `evaluate` and
-    `predict`. image: a path, encoded bytes or a uint8 [H, W(, 3)] array,
-    resized per data.resize (JPEGs honour data.decode_draft); then
-    `num_eval_crops` crops by `protocol` (default data.eval_protocol).
-    'random' crops are seeded by (seed, index), `index` being the image's
-    position in its data set or list, so they do not depend on batching.
+    image: a path, encoded bytes or a uint8 [H, W(, 3)] array; JPEGs honour
+    data.decode_draft.
     """
     crop = int(data_config.crop_size)
-    protocol = protocol or data_config.eval_protocol
-    num = num_eval_crops(data_config, protocol, num_crops)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
@@ -321,10 +314,26 @@ def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: s
         h, w = target_size(pil.size[0], pil.size[1], data_config.resize, crop)
         if (h, w) != (pil.size[1], pil.size[0]):
             pil = pil.resize((w, h), Image.BILINEAR)
-        pixels = np.asarray(pil)
-    else:
-        pixels = load_resized(image, data_config.resize, crop, name=name,
-                              draft=bool(data_config.decode_draft))
+        return np.asarray(pil)
+    return load_resized(image, data_config.resize, crop, name=name,
+                        draft=bool(data_config.decode_draft))
+
+
+def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: str | None = None,
+               num_crops: int | None = None, name: str | None = None) -> np.ndarray:
+    """The evaluation crops of one image: uint8 [N, crop, crop, 3].
+
+    The one definition used by training-time evaluation, `evaluate` and
+    `predict`. image: a path, encoded bytes or a uint8 [H, W(, 3)] array,
+    resized per data.resize (`eval_pixels`); then `num_eval_crops` crops by
+    `protocol` (default data.eval_protocol). 'random' crops are seeded by
+    (seed, index), `index` being the image's position in its data set or list,
+    so they do not depend on batching.
+    """
+    crop = int(data_config.crop_size)
+    protocol = protocol or data_config.eval_protocol
+    num = num_eval_crops(data_config, protocol, num_crops)
+    pixels = eval_pixels(image, data_config, name=name)
     rng = np.random.default_rng([seed, index])
     positions = crop_positions(pixels.shape[0], pixels.shape[1], crop, num, protocol, rng)
     return extract_crops(pixels, positions, crop)
