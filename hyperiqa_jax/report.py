@@ -166,9 +166,10 @@ def map_picture(quality_map) -> Image.Image:
     strip = np.repeat(strip, LEGEND_HEIGHT, axis=0).round().astype(np.uint8)
     picture.paste(Image.fromarray(strip), (0, h))
     draw = ImageDraw.Draw(picture)
-    draw.text((3, h + 3), f"{lo:.1f}", fill="black")
+    text = dict(fill="white", stroke_width=2, stroke_fill="black")  # legible on either end
+    draw.text((3, h + 3), f"{lo:.1f}", **text)
     label = f"{hi:.1f}"
-    draw.text((w - 3 - draw.textlength(label), h + 3), label, fill="black")
+    draw.text((w - 3 - draw.textlength(label), h + 3), label, **text)
     return picture
 
 

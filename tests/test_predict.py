@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hyperiqa_jax import predict
+from hyperiqa_jax import predict, report
 from tests import train_utils
 from tests.test_report import PageParser
 
@@ -197,3 +198,89 @@ def test_two_processes_equal_one_and_survive_kill_9(workdir, collection, tmp_pat
     scored_before = int(re.search(r"resuming: (\d+) of 61", out).group(1))
     assert 0 < scored_before < 61
     assert killed.read_bytes() == one.read_bytes()
+
+
+# ---------------------------------------------------------------------------- quality maps
+
+
+@pytest.fixture(scope="module")
+def noise_model(tmp_path_factory):
+    """A tiny model trained (50 steps) on images whose label falls with their noise level."""
+    from hyperiqa_jax import train
+
+    tmp = tmp_path_factory.mktemp("noise_model")
+    root = train_utils.write_manifest_dataset(str(tmp / "data"), n_train=32, n_test=8)
+    c = train_utils.tiny_config(root=root, name="manifest")
+    c.data.train_crops = 1
+    c.train.update(max_steps=50, epochs=1000, lr=3e-3, lr_ratio=1.0, warmup_steps=5,
+                   schedule="warmup_cosine", standardize_labels=True, eval_every_epochs=0,
+                   final_eval=False, log_every_steps=50)
+    train.train_and_evaluate(c, str(tmp / "run"))
+    return tmp / "run"
+
+
+def half_noised(seed, height=64, width=224, sigma=36.0):
+    """A smooth random image whose right half carries Gaussian noise of `sigma`."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (6, 12, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+    noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255)
+    img[:, width // 2:] = noisy[:, width // 2:]
+    return img.astype(np.uint8)
+
+
+def test_quality_map_is_lower_on_the_noised_half(noise_model):
+    """Crops wholly in the noised half score lower than crops wholly in the clean half."""
+    from hyperiqa_jax import QualityModel
+
+    model = QualityModel.from_checkpoint(noise_model)
+    images = [half_noised(seed) for seed in range(6)]
+    contrast = []
+    for _, qmap, error in model.quality_maps(images, stride=28):
+        assert error is None and qmap.scores.shape == (2, 7)  # tops 0, 8; lefts 0..168
+        clean = qmap.scores[:, qmap.lefts + qmap.crop_size <= 112].mean()
+        noised = qmap.scores[:, qmap.lefts >= 112].mean()
+        contrast.append(clean - noised)
+    print("clean - noised half, per image:", np.round(contrast, 1))
+    assert min(contrast) > 0, contrast
+
+
+def test_quality_maps_are_deterministic(noise_model):
+    from hyperiqa_jax import QualityModel
+
+    images = [half_noised(seed) for seed in range(3)]
+    first = [m for _, m, _ in QualityModel.from_checkpoint(noise_model).quality_maps(images, 28)]
+    again = [m for _, m, _ in QualityModel.from_checkpoint(noise_model).quality_maps(images, 28)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.tops, b.tops)
+        np.testing.assert_array_equal(a.thumbnail, b.thumbnail)
+
+
+def test_predict_map_writes_maps_and_the_report_shows_them(noise_model, tmp_path):
+    from hyperiqa_jax import QualityModel
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    names = ["in/a.png", "in/sub/b.png"]
+    for seed, name in enumerate(names):
+        Image.fromarray(half_noised(seed)).save(tmp_path / name)
+    (tmp_path / "in" / "c.png").write_bytes(b"broken")
+    html = tmp_path / "report.html"
+    proc = _predict("--checkpoint", noise_model, "--map", tmp_path / "maps", "--map_stride",
+                    "28", "--report", html, tmp_path / "in")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    model = QualityModel.from_checkpoint(noise_model, batch_size=64)  # predict's batch
+    maps = [m for _, m, _ in model.quality_maps([str(tmp_path / n) for n in names], 28)]
+    for name, qmap in zip(names, maps):
+        base = tmp_path / "maps" / name.removeprefix("in/")
+        saved = json.loads(Path(f"{base}.map.json").read_text())
+        assert saved["path"] == str(tmp_path / name)
+        assert saved["scores"] == qmap.scores.tolist() and saved["lefts"] == qmap.lefts.tolist()
+        with Image.open(f"{base}.map.png") as png:
+            h, w = qmap.thumbnail.shape[:2]
+            assert png.size == (w, h + report.LEGEND_HEIGHT)
+    assert not (tmp_path / "maps" / "c.png.map.png").exists()
+    page = PageParser()
+    page.feed(html.read_text(encoding="utf-8"))
+    assert len(page.figures) == 2
+    assert all(f["map"].startswith("data:image/png;base64,") for f in page.figures)
