@@ -187,6 +187,7 @@ class PartFiles:
     """
 
     def __init__(self, output, settings):
+        self.output = output
         self.folder = output + PARTS_SUFFIX
         self.settings = settings
 
@@ -305,6 +306,36 @@ def score_share(model, share, part, *, progress, map_args):
     part.close()
 
 
+def score_resumable(model, paths, parts, *, progress, map_args):
+    """This process's share of the files not scored yet, into its part file; process 0 then
+    merges every part file into OUTPUT. Returns (results on process 0 else None, the number
+    of files an earlier run had scored)."""
+    import jax
+
+    rank, processes = jax.process_index(), jax.process_count()
+    parts.check()
+    done = parts.read()
+    barrier("read", STARTUP_TIMEOUT_S)  # nobody appends before everyone has read
+    todo = [p for p in dict.fromkeys(paths) if not (p in done and done[p][1])]
+    before = len(set(paths)) - len(todo)
+    if before and rank == 0:
+        print(f"resuming: {before} of {len(set(paths))} files already scored in "
+              f"{parts.folder}", file=sys.stderr)
+    share = todo[rank::processes]  # every process computes the same todo list
+    score_share(model, share, parts.writer(rank, processes), progress=progress,
+                map_args=map_args)
+    if processes > 1:
+        print(f"process {rank}: scored its {len(share)} files", file=sys.stderr)
+    barrier("scored", FINISH_TIMEOUT_S)
+    results = None
+    if rank == 0:
+        rows = parts.read()
+        merge(paths, rows, parts.output)
+        results = [_result(rows[p]) for p in paths]
+    barrier("merged", STARTUP_TIMEOUT_S)
+    return results, before
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -418,28 +449,11 @@ def main(argv):
                                **map_args)
         before = 0
     else:
-        parts.check()
-        done = parts.read()
-        barrier("read", STARTUP_TIMEOUT_S)  # nobody appends before everyone has read
-        todo = [p for p in dict.fromkeys(paths) if not (p in done and done[p][1])]
-        before = len(set(paths)) - len(todo)
-        if before and rank == 0:
-            print(f"resuming: {before} of {len(set(paths))} files already scored in "
-                  f"{parts.folder}", file=sys.stderr)
-        share = todo[rank::processes]
-        score_share(model, share, parts.writer(rank, processes), progress=progress,
-                    map_args=map_args)
-        if processes > 1:
-            print(f"process {rank}: scored its {len(share)} files", file=sys.stderr)
-        barrier("scored", FINISH_TIMEOUT_S)
-        if rank == 0:
-            rows = parts.read()
-            merge(paths, rows, FLAGS.output)
-            results = [_result(rows[p]) for p in paths]
-            failed = sum(1 for _, _, e in results if e)
-        barrier("merged", STARTUP_TIMEOUT_S)
-        if rank != 0:
+        results, before = score_resumable(model, paths, parts, progress=progress,
+                                          map_args=map_args)
+        if results is None:  # not process 0: its share is in the merged CSV
             return 0
+        failed = sum(1 for _, _, e in results if e)
     if FLAGS.report:
         _write_report(FLAGS, results, model.source, patterns, map_args)
     wrote = [f for f in (FLAGS.output, FLAGS.report, FLAGS.map) if f]

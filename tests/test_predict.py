@@ -196,6 +196,7 @@ def test_two_processes_equal_one_and_survive_kill_9(workdir, collection, tmp_pat
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-3000:]
     scored_before = int(re.search(r"resuming: (\d+) of 61", out).group(1))
+    print(f"killed after {rows} rows; the rerun found {scored_before} of 61 files scored")
     assert 0 < scored_before < 61
     assert killed.read_bytes() == one.read_bytes()
 
