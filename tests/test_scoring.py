@@ -100,6 +100,23 @@ def test_attention_and_best_checkpoint(workdir, images, tmp_path):
     np.testing.assert_allclose(best.score(images), scores, rtol=1e-6)
 
 
+def test_load_for_inference_resolves_and_restores(workdir, tmp_path):
+    """One call from what the user points at to config, model and variables."""
+    from hyperiqa_jax.errors import UserError
+
+    for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "0"):
+        ckpt = checkpointing.load_for_inference(path)
+        assert ckpt.source == f"{workdir / 'checkpoints'}/0" and ckpt.step == 0
+        assert ckpt.workdir == workdir and ckpt.label_stats == (50.0, 20.0)
+        assert ckpt.config.data.crop_size == 56 and set(ckpt.variables) == {"params"}
+    shapes = jax.tree.map(lambda x: x.shape, ckpt.variables)
+    want = jax.eval_shape(lambda r: ckpt.model.init(r, np.zeros((1, 56, 56, 3), np.float32)),
+                          jax.random.PRNGKey(0))
+    assert shapes == jax.tree.map(lambda x: x.shape, dict(want))
+    with pytest.raises(UserError, match="does not exist.*training workdir"):
+        checkpointing.load_for_inference(tmp_path / "nowhere")
+
+
 def test_inference_does_not_import_the_trainer(workdir, images):
     code = ("import sys; from hyperiqa_jax import QualityModel; "
             f"QualityModel.from_checkpoint({str(workdir)!r}).score({images[:1]!r}); "
