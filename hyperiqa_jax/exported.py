@@ -1,7 +1,9 @@
 """Scores images with a model exported by `python -m hyperiqa_jax.export`; needs only JAX.
 
 This one file is meant to be copied: it imports jax, numpy and pillow and
-nothing of the hyperiqa_jax package (nor flax, orbax or grain).
+nothing of the hyperiqa_jax package (nor flax, orbax or grain). Install
+`pip install jax flatbuffers numpy pillow` (jax[cuda12] or jax[tpu] on an
+accelerator; flatbuffers reads the artifact).
 
     python exported.py model_dir/ photo.jpg shots/*.png > scores.csv
 

@@ -136,3 +136,12 @@ def test_import_is_light():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "QualityModel"
+
+
+def test_dense_positions_cover_the_image_edge_to_edge():
+    from hyperiqa_jax.scoring import dense_positions
+
+    tops, lefts = dense_positions(64, 224, 56, 28)
+    assert tops.tolist() == [0, 8]  # 0, then flush with the bottom edge
+    assert lefts.tolist() == [0, 28, 56, 84, 112, 140, 168]  # 168 + 56 = 224: on the stride
+    assert [t.tolist() for t in dense_positions(56, 100, 56, 30)] == [[0], [0, 30, 44]]
