@@ -205,3 +205,13 @@ def test_batch_and_crop_count_are_symbolic(model_dir, images):
     assert card["export"]["jax_version"] == jax.__version__
     assert card["preprocessing"]["crop_size"] == 56 and card["scores"]["higher_is_better"]
     assert card["training"]["checkpoint"].endswith("checkpoints/0")
+
+
+def test_export_command_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hyperiqa_jax.export", "--checkpoint",
+                           str(tmp_path / "no_run"), "--out", str(tmp_path / "model")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0]
+    assert not (tmp_path / "model").exists()
