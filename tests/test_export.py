@@ -63,12 +63,19 @@ def test_loader_crops_equal_eval_crops(odd_images, resize, draft):
     data.resize, data.decode_draft, data.eval_protocol = resize, draft, "grid"
     arrays = [_photo(70, 50, 4), _photo(64, 64, 5)[:, :, 0]]
     for image in [*odd_images, *arrays, Path(odd_images[0]).read_bytes()]:
-        for num in (1, 2, 5):
-            want = image_lib.eval_crops(image, data, num_crops=num)
-            got = exported.grid_crops(image, resize, data.crop_size, num,
-                                      max_pixels=image_lib.DEFAULT_MAX_PIXELS, draft=draft)
-            assert got.dtype == np.uint8 and got.shape == want.shape, image
-            np.testing.assert_array_equal(got, want, err_msg=str(image)[:80])
+        want = image_lib.eval_crops(image, data, num_crops=5)
+        got = exported.grid_crops(image, resize, data.crop_size, 5,
+                                  max_pixels=image_lib.DEFAULT_MAX_PIXELS, draft=draft)
+        assert got.dtype == np.uint8 and got.shape == want.shape, image
+        np.testing.assert_array_equal(got, want, err_msg=str(image)[:80])
+
+
+def test_loader_grid_equals_crop_positions():
+    for height, width in [(56, 56), (57, 200), (300, 90), (768, 1024)]:
+        for num in range(1, 26):
+            np.testing.assert_array_equal(
+                exported.grid_positions(height, width, 56, num),
+                image_lib.crop_positions(height, width, 56, num, "grid"))
 
 
 def test_weights_round_trip_through_npz_paths():

@@ -206,14 +206,14 @@ def test_two_processes_equal_one_and_survive_kill_9(workdir, collection, tmp_pat
 
 @pytest.fixture(scope="module")
 def noise_model(tmp_path_factory):
-    """A tiny model trained (50 steps) on images whose label falls with their noise level."""
+    """A tiny model trained (70 steps) on images whose label falls with their noise level."""
     from hyperiqa_jax import train
 
     tmp = tmp_path_factory.mktemp("noise_model")
     root = train_utils.write_manifest_dataset(str(tmp / "data"), n_train=32, n_test=8)
     c = train_utils.tiny_config(root=root, name="manifest")
     c.data.train_crops = 1
-    c.train.update(max_steps=50, epochs=1000, lr=3e-3, lr_ratio=1.0, warmup_steps=5,
+    c.train.update(max_steps=70, epochs=1000, lr=3e-3, lr_ratio=1.0, warmup_steps=5,
                    schedule="warmup_cosine", standardize_labels=True, eval_every_epochs=0,
                    final_eval=False, log_every_steps=50)
     train.train_and_evaluate(c, str(tmp / "run"))
