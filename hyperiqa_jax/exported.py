@@ -73,10 +73,15 @@ class ExportedModel:
 
     def iter_scores(self, images):
         """Yields (index, score, error or None) per image, in order; a file that cannot be
-        decoded gets score NaN and the reason. The next batch decodes while one is scored."""
+        decoded gets score NaN and the reason.
+
+        While the model scores one batch, the next is decoded and queued behind it
+        (JAX dispatches asynchronously), so the device never waits for the host.
+        """
         images = list(images)
         chunks = [images[i:i + self.batch_size]
                   for i in range(0, len(images), self.batch_size)]
+        queued = None  # (first index, decode results, scores not yet read)
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             pending = [pool.submit(self._crops_or_error, x) for x in chunks[0]] if chunks else []
             for k in range(len(chunks)):
@@ -88,10 +93,13 @@ class ExportedModel:
                 for row, (crops, _) in enumerate(decoded):
                     if crops is not None:
                         batch[row] = crops
-                scores = self(batch)["score"]
-                for row, (_, error) in enumerate(decoded):
-                    index = k * self.batch_size + row
-                    yield index, (math.nan if error else float(scores[row])), error
+                launched = (k * self.batch_size, decoded,
+                            self._call(self.variables, batch)["score"])
+                if queued is not None:
+                    yield from _rows(*queued)
+                queued = launched
+        if queued is not None:
+            yield from _rows(*queued)
 
     def score(self, images, errors="raise"):
         """float64 [N] scores (higher = better quality) of paths, encoded bytes or uint8 arrays.
@@ -115,6 +123,12 @@ class ExportedModel:
         except (OSError, ValueError, SyntaxError, MemoryError, EOFError,
                 UnidentifiedImageError, Image.DecompressionBombError) as e:
             return None, _reason(e)
+
+
+def _rows(first, decoded, scores):
+    scores = np.asarray(scores)
+    for row, (_, error) in enumerate(decoded):
+        yield first + row, (math.nan if error else float(scores[row])), error
 
 
 def nest(flat):
