@@ -161,6 +161,72 @@ class QualityMap:
                 "lefts": self.lefts.tolist(), "scores": self.scores.tolist()}
 
 
+class _DenseCrops:
+    """Image index -> (index, DenseCrops or None, error or None): every crop of a map."""
+
+    def __init__(self, source, data_config, stride):
+        self.source, self.config, self.stride = source, data_config, stride
+
+    def __call__(self, index):
+        image, _, name = self.source[index]
+        try:
+            pixels = image_lib.eval_pixels(image, self.config, name=name)
+        except image_lib.ImageDecodeError as e:
+            return index, None, e.reason
+        crop = int(self.config.crop_size)
+        tops, lefts = dense_positions(pixels.shape[0], pixels.shape[1], crop, self.stride)
+        corners = np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
+        return index, DenseCrops(image_lib.extract_crops(pixels, corners, crop), tops, lefts,
+                                 tuple(int(x) for x in pixels.shape[:2]),
+                                 _thumbnail(pixels)), None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCrops:
+    """The crops of one image's quality map, before they are scored."""
+
+    crops: np.ndarray           # uint8 [rows * cols, crop, crop, 3], row-major
+    tops: np.ndarray
+    lefts: np.ndarray
+    image_size: tuple
+    thumbnail: np.ndarray
+
+
+def _batches_of_rows(loaded, batch_size, crop, images_seen):
+    """Batches in `pipeline.make_eval_batches`' layout from images with any number of crops.
+
+    Each image of `loaded` goes into images_seen[index] = (DenseCrops or None,
+    error, []) before its rows are batched; the last batch is padded (index -1).
+    """
+    image = np.zeros((batch_size, crop, crop, 3), np.uint8)
+    index = np.full((batch_size,), -1, np.int32)
+    fill = 0
+    for i, dense, error in loaded:
+        images_seen[i] = (dense, error, [])
+        for row in (dense.crops if dense is not None else ()):
+            image[fill], index[fill] = row, i
+            fill += 1
+            if fill == batch_size:
+                yield {"image": image.copy(), "image_index": index.copy(), "valid": index >= 0}
+                fill = 0
+    if fill:
+        image[fill:], index[fill:] = 0, -1
+        yield {"image": image, "image_index": index, "valid": index >= 0}
+
+
+def _all_scored(seen):
+    dense, _, scores = seen
+    return len(scores) == (0 if dense is None else len(dense.crops))
+
+
+def _quality_map(index, dense, error, scores, stride):
+    if dense is None:
+        return index, None, error
+    grid = np.asarray(scores, np.float64).reshape(len(dense.tops), len(dense.lefts))
+    return index, QualityMap(grid, dense.tops, dense.lefts, int(dense.crops.shape[1]), stride,
+                             dense.image_size, dense.thumbnail), None
+
+
 class QualityModel:
     """A trained model plus its preprocessing; `score` maps images to quality scores."""
 
@@ -239,61 +305,22 @@ class QualityModel:
         scoring), batched across images like `iter_scores`.
         """
         source = _ImageList(list(images))
-        crop, data_config = self.crop_size, self.config.data
-
-        def load(index):
-            image, _, name = source[index]
-            try:
-                pixels = image_lib.eval_pixels(image, data_config, name=name)
-            except image_lib.ImageDecodeError as e:
-                return index, None, e.reason
-            tops, lefts = dense_positions(pixels.shape[0], pixels.shape[1], crop, stride)
-            corners = np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
-            return index, (image_lib.extract_crops(pixels, corners, crop), tops, lefts,
-                           pixels.shape[:2], _thumbnail(pixels)), None
-
-        loaded = grain.MapDataset.range(len(source)).map(load).to_iter_dataset(
+        loaded = grain.MapDataset.range(len(source)).map(
+            _DenseCrops(source, self.config.data, stride)).to_iter_dataset(
             grain.ReadOptions(num_threads=self.num_workers,
                               prefetch_buffer_size=2 * self.num_workers))
-        expected, scores, done = {}, {}, {}
-
-        def batches():  # rows of consecutive images, a whole batch per call
-            image = np.zeros((self.batch_size, crop, crop, 3), np.uint8)
-            index = np.full((self.batch_size,), -1, np.int32)
-            fill = 0
-            for i, item, error in loaded:
-                expected[i] = 0 if item is None else len(item[0])
-                done[i] = (item, error)
-                scores[i] = []
-                for row in (item[0] if item is not None else ()):
-                    image[fill], index[fill] = row, i
-                    fill += 1
-                    if fill == self.batch_size:
-                        yield {"image": image.copy(), "image_index": index.copy(),
-                               "valid": index >= 0}
-                        fill = 0
-            if fill:
-                image[fill:], index[fill:] = 0, -1
-                yield {"image": image, "image_index": index, "valid": index >= 0}
-
-        def finished(i):
-            item, error = done.pop(i)
-            row_scores = np.asarray(scores.pop(i), np.float64)
-            if item is None:
-                return i, None, error
-            _, tops, lefts, size, thumbnail = item
-            return i, QualityMap(row_scores.reshape(len(tops), len(lefts)), tops, lefts, crop,
-                                 stride, tuple(int(x) for x in size), thumbnail), None
-
+        images_seen = {}  # index -> (dense crops or None, error, crop scores so far)
+        batches = _batches_of_rows(loaded, self.batch_size, self.crop_size, images_seen)
         next_index = 0
-        for score, _, index, _ in overlapped(batches(), self._score_batch):
+        for score, _, index, _ in overlapped(batches, self._score_batch):
             for s, i in zip(score[index >= 0], index[index >= 0]):
-                scores[int(i)].append(float(s))
-            while next_index in expected and len(scores[next_index]) == expected[next_index]:
-                yield finished(next_index)
+                images_seen[int(i)][2].append(float(s))
+            # An image is done once all its rows are scored (none: it failed to decode).
+            while next_index in images_seen and _all_scored(images_seen[next_index]):
+                yield _quality_map(next_index, *images_seen.pop(next_index), stride)
                 next_index += 1
         while next_index < len(source):  # images after the last row: failed ones
-            yield finished(next_index)
+            yield _quality_map(next_index, *images_seen.pop(next_index), stride)
             next_index += 1
 
     def score(self, images, *, return_attention=False, errors="raise"):
