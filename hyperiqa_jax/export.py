@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from hyperiqa_jax.data import image as image_lib
 from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.logs import quiet_library_logs
 
@@ -106,8 +107,6 @@ def model_card(ckpt, *, dtype, platforms, num_crops):
     data, m = config.data, config.model
     resize = data.resize
     resize = list(resize) if isinstance(resize, (tuple, list)) else resize
-    from hyperiqa_jax.data import image as image_lib
-
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "function": FUNCTION_FILE, "weights": WEIGHTS_FILE,
