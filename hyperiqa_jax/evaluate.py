@@ -205,9 +205,9 @@ def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch
         bins=5):
     """Evaluates `checkpoint` on every `NAME[:SPLIT]=ROOT`; returns the list of results."""
     from hyperiqa_jax import checkpointing
-    from hyperiqa_jax.scoring import QualityModel, find_checkpoint
+    from hyperiqa_jax.scoring import QualityModel
 
-    manager_dir, _ = find_checkpoint(checkpoint)
+    manager_dir, _ = checkpointing.resolve_checkpoint(checkpoint)
     workdir = manager_dir.parent if manager_dir.name in (checkpointing.BEST_DIR,
                                                          checkpointing.LATEST_DIR) else None
     out = Path(out or (workdir / "eval" if workdir else "eval"))

@@ -347,10 +347,6 @@ class QualityModel:
         return scores, np.stack(attention)
 
 
-# What --checkpoint resolves to (evaluate derives the run's workdir from it).
-find_checkpoint = checkpointing.resolve_checkpoint
-
-
 def _thumbnail(pixels, size=MAP_THUMBNAIL_SIZE):
     img = Image.fromarray(pixels)
     img.thumbnail((size, size))

@@ -43,9 +43,6 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 MAX_JPEG_PIXELS = 1_000_000_000
 MAX_OTHER_PIXELS = 2 * 89_478_485
 
-# The evaluation crop protocols (`crop_positions`): seeded random, centre, fixed grid.
-PROTOCOLS = ("random", "center", "grid")
-
 
 @functools.cache
 def _configure_pillow():
