@@ -106,6 +106,7 @@ def bench_grain(variant, settings):
                   mix_images=settings["mix_images"])
     if variant == "processes":
         config.update(num_workers=1, worker_processes=settings["workers"])
+        data.pipeline.mark_flags_parsed()
     if variant == "array_record":
         builder = data.build_tfds("manifest", settings["folder"], settings["tfds_dir"],
                                   splits=("train",), resize=config.resize,

@@ -72,6 +72,15 @@ class Checkpointer:
             state=ocp.args.StandardSave(inference_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
+    def has_data_position(self, step):
+        """Whether `step` saved the data iterator for this process layout.
+
+        Grain saves one iterator state per process; a checkpoint written by another
+        process count has none for this one.
+        """
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.latest.directory / str(step) / "data_iter" / name).exists()
+
     def restore(self, step, abstract_state, data_iter=None):
         """Restores `state` (into `abstract_state`'s shardings) and the data iterator."""
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())

@@ -26,7 +26,6 @@ from absl import app, flags
 from hyperiqa_jax import metrics
 from hyperiqa_jax.data.image import PROTOCOLS
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import quiet_library_logs
 
 
 def define_flags():
@@ -242,7 +241,6 @@ def _json_default(x):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.checkpoint or not FLAGS.data:

@@ -41,7 +41,6 @@ from absl import app, flags
 
 from hyperiqa_jax.data import image as image_lib
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import quiet_library_logs
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 FUNCTION_FILE = "scoring.jax"
@@ -203,7 +202,6 @@ def _jaxlib_version():
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.checkpoint or not FLAGS.out:

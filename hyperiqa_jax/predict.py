@@ -50,7 +50,6 @@ from absl import app, flags
 
 from hyperiqa_jax.data.image import PROTOCOLS
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import quiet_library_logs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                     ".pgm")
@@ -399,7 +398,6 @@ def _check_flags(FLAGS):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     patterns = argv[1:]
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required")

@@ -193,7 +193,7 @@ def train_step_parity(config, *, batch: int = 2, seed: int = 0, steps: int = 3,
     """`steps` training steps in PyTorch, each compared with the two halves of JAX's
     `train.train_step` (`train.loss_and_grads`, then the optimiser) on the same inputs.
 
-    `config` is a full config (model + train); the loss is L1 (the seed's), dropout,
+    `config` is a full config (model + train); the loss is L1 (the PyTorch original's), dropout,
     drop path and the scale attention's dropout are off, and each step's learning
     rates follow the config's schedule in both. Before each step, at the same
     parameters: the loss, the gradients (the largest over tensors of

@@ -195,6 +195,16 @@ def default_worker_processes() -> int:
     return max(0, min(16, usable_cpu_count() - jax.local_device_count()))
 
 
+def mark_flags_parsed():
+    """Lets grain's worker processes start outside an absl program (the Python API, tests).
+
+    They read grain's absl flags, which only `app.run` parses; this leaves them at
+    their defaults. Called once where a training run starts.
+    """
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Infinite training stream of {'image': uint8 [b, crop, crop, 3], 'score': float32 [b]}.
@@ -235,9 +245,9 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=threads * prefetch))
     if processes:
-        # grain's workers read its absl flags; outside an absl program nothing parsed them.
         if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+            raise RuntimeError("grain's worker processes read absl flags: call "
+                               "pipeline.mark_flags_parsed() where the program starts")
         # Each process decodes every `processes`-th group; the order, and with it the
         # checkpointed position, is the same as with threads alone.
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
