@@ -2,7 +2,7 @@
 
 glibc's malloc hands JAX's large temporary buffers back to the OS after every
 step and page-faults them in again on the next one; a thread-caching allocator
-keeps them (docs/benchmarks.md, "Allocator", has the measured effect).
+keeps them (docs/benchmarks.md, "The allocator", has the measured effect).
 
 An allocator has to be in LD_PRELOAD when the process starts, so a command
 re-executes itself once, before it imports anything heavy, with
