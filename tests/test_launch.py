@@ -515,10 +515,11 @@ sys.argv = ["train", "--config=configs/demo.py", "--workdir=" + sys.argv[1]]
 train.define_flags()
 flags.FLAGS(sys.argv)
 for reason in sys.argv_reasons:
-    train.train_and_evaluate = lambda config, workdir, reason=reason: {"stop_reason": reason}
+    train.train_and_evaluate = lambda config, workdir, records, reason=reason: {
+        "stop_reason": reason}
     print(train.main(["train"]))
 # The command line: main's status becomes the process's exit status.
-train.train_and_evaluate = lambda config, workdir: {"stop_reason": train.PREEMPTED}
+train.train_and_evaluate = lambda config, workdir, records: {"stop_reason": train.PREEMPTED}
 cli.run(train.main)
 """
 
