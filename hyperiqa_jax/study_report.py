@@ -373,7 +373,7 @@ def figure_training_curves(curves, smooth=5):
             k = min(smooth, len(y))
             y = np.convolve(y, np.ones(k) / k, mode="valid")
             axes[0, 0].plot(x[k - 1:], y, style, color=colour, lw=1,
-                            label=f"{row} {tag}")
+                            marker="." if len(y) < 3 else None, label=f"{row} {tag}")
         if test and with_test:
             axes[0, 1].plot(*zip(*test), style, color=colour, marker=".", lw=1,
                             label=f"{row} {tag}")
@@ -645,8 +645,10 @@ def build_report(study, runs, models, *, root, overrides, skipped, timing_batche
                           fmt_cell(rows[s["row"]]["plcc"]), fmt_signed(s["delta"]),
                           fmt_signed(s["share"], 1, "%")] for s in steps]))
         doc.text(f"Total gain from {study.ablation[0]} to {study.ablation[-1]}: "
-                 f"{fmt_signed(gain)} SRCC; the shares of the steps add to 100%. Gains are "
-                 "between the rows' " + ("medians." if kind == "splits" else "means."))
+                 + (f"{fmt_signed(gain)} SRCC; the steps' shares of it add to 100%"
+                    if gain else "not known yet (a row has no result)")
+                 + ". Gains are between the rows' "
+                 + ("medians." if kind == "splits" else "means."))
         data["ablation"] = {"steps": steps, "total_gain": gain}
 
     sizes = {}
