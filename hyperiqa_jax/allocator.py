@@ -36,7 +36,8 @@ ALLOCATORS = ("mimalloc", "tcmalloc", "jemalloc")
 LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
 # The commands that run JAX on the host for long enough for the allocator to matter.
 COMMANDS = ("hyperiqa_jax.train", "hyperiqa_jax.demo", "hyperiqa_jax.evaluate",
-            "hyperiqa_jax.predict", "benchmarks.throughput", "benchmarks.scoring")
+            "hyperiqa_jax.predict", "hyperiqa_jax.study", "benchmarks.throughput",
+            "benchmarks.scoring")
 # Set for the re-executed process only: its pid, and the variables to restore.
 _REEXECUTED = "_HYPERIQA_ALLOCATOR_PID"
 _SAVED = "_HYPERIQA_ALLOCATOR_SAVED"
