@@ -262,18 +262,19 @@ def check_checkpoint_fits(ckpt, step, abstract_state, config):
     differences = checkpointing.spec_differences(saved, checkpointing.array_specs(abstract_state))
     if not differences:
         return
-    settings = ""
+    changes = []
     if isinstance(meta, dict) and "config" in meta:  # the model's arrays, else the optimiser's
         section = "model" if differences[0].startswith("params/") else "train"
         changes = setting_changes(checkpointing.config_from_meta(meta), config, section)
-        settings = f" ({_first(changes)})" if changes else ""
     meta_path = checkpointing.meta_file(manager_dir, step)
     where = (f"`python -m json.tool {meta_path}` shows it" if meta_path.exists()
              else f"its meta in {manager_dir / str(step)} holds it")
-    raise UserError(
-        f"the checkpoint at step {step} in {manager_dir} does not fit this config{settings}: "
-        f"{_first(differences)}. Rerun with the config it was trained with ({where}), or "
-        "train into a new --workdir")
+    todo = (f"Rerun with the config it was trained with ({where}), or train into a new --workdir"
+            if changes else "Its saved config matches this one, so other code wrote it: train "
+            "into a new --workdir")
+    settings = f" ({_first(changes)})" if changes else ""
+    raise UserError(f"the checkpoint at step {step} in {manager_dir} does not fit this "
+                    f"config{settings}: {_first(differences)}. {todo}")
 
 
 class UnreadableCheckpoint(UserError):

@@ -98,6 +98,8 @@ def test_another_parameter_dtype_names_the_dtypes(tmp_path, demo_root):
     assert (f"params/attention/expand/bias: bfloat16[{FUSED}] in the checkpoint, "
             f"float32[{FUSED}] here") in text
     assert "model." not in text  # no setting named: the configs are the same
+    assert text.endswith("Its saved config matches this one, so other code wrote it: train into "
+                         "a new --workdir")
 
 
 @pytest.fixture(scope="module")
