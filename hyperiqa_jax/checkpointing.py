@@ -29,7 +29,9 @@ from pathlib import Path
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from hyperiqa_jax import config_defaults, models, state
 from hyperiqa_jax.errors import UserError
@@ -266,3 +268,67 @@ def load_for_inference(path, sharding=None) -> InferenceCheckpoint:
 def _first_line(error):
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------- checkpoint fit
+# Whether a checkpoint's arrays fit a target tree, read from Orbax's metadata alone
+# (shapes and dtypes, no array data), so that a mismatch is named before a restore fails.
+
+
+def key_path_name(path):
+    """'params/backbone/patch_embed/proj/kernel' for a jax key path (dict keys, indices, fields)."""
+    def name(key):
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return "/".join(name(k) for k in path)
+
+
+def array_specs(tree):
+    """{path name: (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or Orbax metadata."""
+    return {key_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def saved_array_specs(manager_dir, step, item="state"):
+    """`array_specs` of one checkpoint's `item`, from its metadata (raises if it cannot be read)."""
+    directory = epath.Path(str(manager_dir)) / str(step) / item
+    return array_specs(ocp.StandardCheckpointHandler().metadata(directory))
+
+
+def _spec_text(spec):
+    shape, dtype = spec
+    return f"{dtype}[{','.join(str(s) for s in shape)}]"
+
+
+def spec_differences(saved, expected):
+    """Readable differences between a checkpoint's array specs and the expected ones.
+
+    Model parameters come first; when any of them differ, the optimiser state's
+    copies of the same differences are left out.
+    """
+    lines = []
+    for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p)):
+        if path not in expected:
+            lines.append((path, f"{path}: {_spec_text(saved[path])} in the checkpoint, absent "
+                                "here"))
+        elif path not in saved:
+            lines.append((path, f"{path}: {_spec_text(expected[path])} here, absent in the "
+                                "checkpoint"))
+        elif saved[path] != expected[path]:
+            lines.append((path, f"{path}: {_spec_text(saved[path])} in the checkpoint, "
+                                f"{_spec_text(expected[path])} here"))
+    in_params = [text for path, text in lines if path.startswith("params/")]
+    return in_params or [text for _, text in lines]
+
+
+def restore_latest_meta(checkpointer, step):
+    """The `meta` item (JSON: config, label statistics) of a Checkpointer's resumable `step`."""
+    return checkpointer.latest.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+
+
+def meta_file(manager_dir, step):
+    """The JSON file that holds one checkpoint's `meta` item (config, label statistics)."""
+    return epath.Path(str(manager_dir)) / str(step) / "meta" / "metadata"

@@ -132,6 +132,11 @@ def _check_values(config):
     if config.model.backbone in SWIN_CONFIGS and overrides - fields:
         raise ConfigError(f"model.backbone_overrides has unknown Swin field(s) "
                           f"{sorted(overrides - fields)}; known: {', '.join(sorted(fields))}")
+    swin = dict(config.model.get("backbone_overrides") or {})
+    stride, patch = swin.get("stem_stride", 1), swin.get("patch_size", SwinTransformer.patch_size)
+    if not (isinstance(stride, int) and stride >= 1 and patch % stride == 0):
+        raise ConfigError(f"model.backbone_overrides.stem_stride={stride!r} must be a whole "
+                          f"number that divides the patch size ({patch})")
     try:  # the resize against the crop (the data module's own check)
         data.target_size(config.data.crop_size, config.data.crop_size, config.data.resize,
                          config.data.crop_size)

@@ -179,32 +179,44 @@ def plot_attention_by_bin(stages, mos, name, path, bins=5):
     plt.close(fig)
 
 
-def plot_training_curves(metrics_path, path):
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+def training_curves_figure(rows):
+    """The training loss and the test correlations by step, one panel each that has rows.
+
+    rows: metrics.jsonl's records. None when there is neither a loss nor a test row.
+    """
     train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
-    test = [r for r in rows if r["split"] == "test"]
-    if not train and not test:
-        return False
+    test = {key: [(r["step"], r[key]) for r in rows
+                  if r["split"] == "test" and r.get(key) is not None]
+            for key in ("srcc", "plcc")}
+    panels = [name for name, present in (("loss", train), ("test", any(test.values())))
+              if present]
+    if not panels:
+        return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("training loss")
-    for key in ("srcc", "plcc"):
-        pts = [(r["step"], r[key]) for r in test if r.get(key) is not None]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=key.upper())
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("test correlation")
-    if test:
-        axes[1].legend()
-    else:
-        axes[1].text(0.5, 0.5, "no evaluation during training", ha="center", va="center",
-                     transform=axes[1].transAxes)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xlabel("step")
+        if panel == "loss":
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+            ax.set_ylabel("training loss")
+        else:
+            for key, points in test.items():
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=key.upper())
+            ax.set_ylabel("test correlation")
+            ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(metrics_path, path):
+    """Writes `training_curves_figure` of a metrics.jsonl to `path`; False when it is empty."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    fig = training_curves_figure(rows)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return True
 
 

@@ -230,13 +230,95 @@ def initial_state(config, init_fn, abstract_state, shardings):
     return train_state
 
 
-def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir):
-    """The train state, data position and progress saved at `step`."""
+def _flat_settings(tree, prefix):
+    """{'model.backbone_overrides.embed_dim': 24, ...}; lists as tuples (JSON keeps none)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def setting_changes(saved_config, config, section):
+    """'SECTION.KEY is SAVED in the checkpoint, NOW here' per differing setting of `section`."""
+    saved = _flat_settings(saved_config[section].to_dict(), f"{section}.")
+    now = _flat_settings(config[section].to_dict(), f"{section}.")
+    return [f"{key} is {saved.get(key, 'unset')!r} in the checkpoint, {now.get(key, 'unset')!r} "
+            "here" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _first(items, n=3):
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def check_checkpoint_fits(ckpt, step, abstract_state, config):
+    """Raises a one-line UserError when checkpoint `step` does not fit the train state.
+
+    Read from the checkpoint's metadata and saved config, before any restore: the
+    message names the settings and the arrays that differ. UnreadableCheckpoint
+    when those cannot be read.
+    """
+    manager_dir = epath.Path(str(ckpt.latest.directory))
+    try:
+        saved = checkpointing.saved_array_specs(manager_dir, step)
+        meta = checkpointing.restore_latest_meta(ckpt, step)
+    except Exception as e:  # truncated or missing files: Orbax, tensorstore or JSON errors
+        raise UnreadableCheckpoint(ckpt, step, e) from e
+    differences = checkpointing.spec_differences(saved, checkpointing.array_specs(abstract_state))
+    if not differences:
+        return
+    changes = []
+    if isinstance(meta, dict) and "config" in meta:  # the model's arrays, else the optimiser's
+        section = "model" if differences[0].startswith("params/") else "train"
+        changes = setting_changes(checkpointing.config_from_meta(meta), config, section)
+    meta_path = checkpointing.meta_file(manager_dir, step)
+    where = (f"`python -m json.tool {meta_path}` shows it" if meta_path.exists()
+             else f"its meta in {manager_dir / str(step)} holds it")
+    todo = (f"Rerun with the config it was trained with ({where}), or train into a new --workdir"
+            if changes else "Its saved config matches this one, so other code wrote it: train "
+            "into a new --workdir")
+    settings = f" ({_first(changes)})" if changes else ""
+    raise UserError(f"the checkpoint at step {step} in {manager_dir} does not fit this "
+                    f"config{settings}: {_first(differences)}. {todo}")
+
+
+class UnreadableCheckpoint(UserError):
+    """The newest checkpoint of a workdir cannot be read; names the older one (deletes nothing)."""
+
+    def __init__(self, ckpt, step, error):
+        manager_dir = epath.Path(str(ckpt.latest.directory))
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        older = [s for s in ckpt.latest.all_steps() if s < step]
+        if older:
+            todo = (f"step {max(older)} is the checkpoint before it: to resume from there, move "
+                    f"{manager_dir / str(step)} out of {manager_dir} and rerun; or train into a "
+                    "new --workdir")
+        else:
+            todo = (f"there is no older checkpoint: move {manager_dir / str(step)} out of "
+                    f"{manager_dir} to start over, or train into a new --workdir")
+        super().__init__(f"the newest checkpoint, step {step} in {manager_dir}, cannot be read "
+                         f"(truncated or damaged files? {type(error).__name__}: {reason}); "
+                         f"nothing was deleted. {todo}")
+
+
+def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir, config):
+    """The train state, data position and progress saved at `step`.
+
+    A checkpoint of another model, or one that cannot be read, stops with a
+    one-line UserError that says what differs or which older step there is.
+    """
+    check_checkpoint_fits(ckpt, step, abstract_state, config)
     target = checkpointing.with_shardings(abstract_state, shardings["state"])
     # Without a saved position for this process layout, the data position is rebuilt
     # from the step count (skip that many batches of this process's stream).
     same_layout = ckpt.has_data_position(step)
-    train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
+    try:
+        train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
+    except Exception as e:  # the metadata fit: the array or iterator files are damaged
+        raise UnreadableCheckpoint(ckpt, step, e) from e
     if not same_layout:
         _log(f"Checkpoint written by another process count: skipping {step} batches of the "
              "input to its position")
@@ -397,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints)
     if ckpt.latest_step() is not None:
         train_state, progress = resume(ckpt, ckpt.latest_step(), abstract_state, shardings,
-                                       batches, label_stats, workdir)
+                                       batches, label_stats, workdir, config)
     else:
         train_state = initial_state(config, init_fn, abstract_state, shardings)
         progress = Progress()

@@ -70,6 +70,16 @@ def test_crop_step_below_one_is_rejected():
         train.check_config(c)
 
 
+def test_stem_stride_must_divide_the_patch_size():
+    c = train_utils.tiny_config()
+    c.model.backbone_overrides.update(stem_channels=4, patch_size=4, stem_stride=3)
+    with pytest.raises(ValueError, match="stem_stride=3 must be a whole number that divides the "
+                                         r"patch size \(4\)"):
+        train.check_config(c)
+    c.model.backbone_overrides.stem_stride = 2
+    train.check_config(c)
+
+
 def test_cli_rejects_unknown_override(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hyperiqa_jax.train", "--config=configs/demo.py",

@@ -237,6 +237,33 @@ def test_energy_stem_and_no_patch_norm_match_pytorch():
     assert set(default) == {"proj", "norm"}
 
 
+def test_strided_energy_stem_matches_pytorch():
+    """stem_stride 2: filters at even pixels, pixels folded 2 x 2 into channels, 2 x 2 patches."""
+    import torch
+
+    x = np.random.RandomState(2).randn(2, 16, 16, 3).astype(np.float32)
+    embed = swin.PatchEmbed(embed_dim=8, patch_size=4, stem_channels=6, stem_stride=2,
+                            patch_norm=False)
+    params = embed.init(jax.random.key(0), jnp.asarray(x))["params"]
+    assert params["proj"]["kernel"].shape == (2, 2, 4 * 3 + 6, 8)
+    got = embed.apply({"params": params}, jnp.asarray(x))
+
+    def conv(t, p, stride, padding):  # flax HWIO kernel -> torch OIHW
+        w = torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1))
+        b = torch.from_numpy(np.asarray(p["bias"]))
+        return torch.nn.functional.conv2d(t, w, b, stride=stride, padding=padding)
+
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    # Each 2 x 2 cell's pixels as channels in (row, column, colour) order.
+    cells = t.reshape(2, 3, 8, 2, 8, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 12, 8, 8)
+    t = torch.cat([cells, conv(t, params["stem"], 2, 1) ** 2], dim=1)
+    expected = conv(t, params["proj"], 2, 0).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="stem_stride 3 must divide patch_size 4"):
+        swin.PatchEmbed(embed_dim=8, stem_channels=6, stem_stride=3).init(
+            jax.random.key(0), jnp.asarray(x))
+
+
 def test_materialize_grad_is_the_identity_for_values_and_gradients():
     x = jnp.asarray(np.random.RandomState(0).randn(3, 4), jnp.float32)
     f = lambda v: jnp.sum(jnp.sin(v) * v)
