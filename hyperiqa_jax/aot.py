@@ -106,7 +106,7 @@ def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
         shape[len(shape) - 1 - shape[::-1].index(smallest)] *= 2
     if math.prod(shape) != chips:
         raise UserError(f"{chips} chips is not a slice shape; use 4, 8, 16, ... chips")
-    return tuple(sorted(shape))
+    return tuple(shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,8 +106,8 @@ def test_a_batch_that_cannot_fit_is_one_line(runs):
 
 @pytest.mark.parametrize("spec, chips, shape", [
     ("tpu:v5e-4", 4, (2, 2)), ("tpu:v5e-8", 8, (2, 4)), ("tpu:v5e-256", 256, (16, 16)),
-    ("tpu:v6e-4", 4, (2, 2)), ("tpu:v4-8", 4, (1, 2, 2)), ("tpu:v5p-32", 16, (2, 2, 4)),
-    ("tpu:v5p-128", 64, (4, 4, 4))])
+    ("tpu:v6e-4", 4, (2, 2)), ("tpu:v4-8", 4, (2, 2, 1)), ("tpu:v5p-32", 16, (2, 2, 4)),
+    ("tpu:v5p-128", 64, (4, 4, 4)), ("tpu:v5p-512", 256, (4, 8, 8))])
 def test_tpu_slices_as_cloud_tpu_names_them(spec, chips, shape):
     target = aot.parse_target(spec)
     assert target.chips == chips
