@@ -4,22 +4,13 @@ against the PyTorch reference, written to a folder as JSON and Markdown.
 On a machine with an NVIDIA GPU, in a checkout of this repository:
 
     pip install -e '.[torch]' 'jax[cuda12]'
-    python -m benchmarks.gpu_check --out gpu_results
     python -m benchmarks.gpu_check --out gpu_results --models base --batches 64,128,256
     python -m benchmarks.gpu_check --out new_results --baseline main
 
-One row per model, mode, dtype and batch, timed by benchmarks.throughput's runners
-(training's own jitted step and the PyTorch reference's, built in this process and
-timed alternately; a row's time is the median per step): images/s of both and
-JAX/torch (above 1: JAX is faster); MFU (XLA's FLOP count of the compiled step over
-s/step and the card's dense peak for the dtype; float32 matmuls run as TF32);
-memory (XLA's memory analysis of the step, the device's peak bytes in use in this
-process so far, torch.cuda.max_memory_allocated); with --baseline, the baseline's
-JAX images/s and the speed-up over it. --baseline REF (a git ref) first runs this
-benchmark's JAX rows with the same settings from a `git worktree` of REF, in a child
-process; --baseline FILE reads the gpu_check.json of an earlier run. JAX allocates
-GPU memory as it needs it (XLA_PYTHON_CLIENT_PREALLOCATE=false), leaving room for
-the PyTorch reference. A row that fails (out of memory, say) records its error.
+One row per model, mode, dtype and batch, timed by benchmarks.throughput's runners: JAX
+and torch images/s and their ratio, MFU, memory (XLA's analysis, peak bytes in use) and,
+with --baseline, the speed-up over a git ref (its JAX rows run from a `git worktree` in a
+child process) or over an earlier gpu_check.json. A row that fails records its error.
 """
 
 import gc
@@ -44,18 +35,15 @@ def define_flags(flag_values=None):
     """The command's flags (absl), on `flag_values` (default: the global FLAGS)."""
     fv = dict(flag_values=flag_values) if flag_values is not None else {}
     flags.DEFINE_string("out", None, "Folder for gpu_check.json and gpu_check.md.", **fv)
-    flags.DEFINE_list("models", ["tiny", "small", "base"], "benchmarks.throughput models "
-                      "(the E6 model with a Swin-T/S/B backbone; micro, nano: small ones).", **fv)
+    flags.DEFINE_list("models", ["tiny", "small", "base"], "benchmarks.throughput models.", **fv)
     flags.DEFINE_list("modes", ["train", "eval"], "train and/or eval.", **fv)
     flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes.", **fv)
     flags.DEFINE_list("batches", ["32", "128"], "Batch sizes (images per step).", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed calls per framework and row.", **fv)
     flags.DEFINE_integer("steps_per_call", 10, "Steps per timed call (one wait at its end).",
                          **fv)
-    flags.DEFINE_bool("torch", True, "Time the PyTorch reference too (--notorch: JAX only).",
-                      **fv)
-    flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (default: the card's dense "
-                       "peak for each dtype, if known).", **fv)
+    flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.", **fv)
+    flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (default: by device kind).", **fv)
     flags.DEFINE_string("baseline", None, "A git ref to measure the same way, or the "
                         "gpu_check.json of an earlier run.", **fv)
 
@@ -97,17 +85,27 @@ def measure_row(key, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
 
 
+def git(*args) -> str | None:
+    """`git ARGS` in this checkout: its output, or None when it fails."""
+    try:
+        done = subprocess.run(["git", *args], cwd=throughput.REPO, capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def baseline_result(baseline, args) -> dict:
     """The baseline's gpu_check.json: read from a file, or measured in a git worktree."""
     if os.path.isfile(baseline):
         return json.loads(Path(baseline).read_text())
-    commit = None if baseline.startswith("-") else throughput.git(
+    commit = None if baseline.startswith("-") else git(
         "rev-parse", "--verify", "--quiet", f"{baseline}^{{commit}}")
     if commit is None:
         raise UserError(f"--baseline {baseline}: neither a file nor a git ref of this checkout")
     with tempfile.TemporaryDirectory(prefix="gpu_check_baseline_") as tmp:
         tree = Path(tmp, "tree")
-        if throughput.git("worktree", "add", "--detach", str(tree), commit) is None:
+        if git("worktree", "add", "--detach", str(tree), commit) is None:
             raise UserError(f"--baseline {baseline}: git worktree add failed")
         try:
             if not (tree / "benchmarks" / "gpu_check.py").is_file():
@@ -122,7 +120,7 @@ def baseline_result(baseline, args) -> dict:
                                 "output above)")
             return json.loads(Path(tmp, "out", "gpu_check.json").read_text())
         finally:
-            throughput.git("worktree", "remove", "--force", str(tree))
+            git("worktree", "remove", "--force", str(tree))
 
 
 def compare(rows, baseline):
@@ -143,9 +141,8 @@ def _f(value, fmt="{:.1f}"):
 def markdown(result) -> str:
     env, base = result["environment"], result["baseline"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    out = [f"# GPU benchmark: {env['device']}", "", f"{env['date']}, commit {env['commit']}"
-           f"{' (modified)' if env['tree_dirty'] else ''}, {versions}", "",
-           f"`{result['command']}`", ""]
+    out = [f"# GPU benchmark: {env['device']}", "",
+           f"{env['date']}, commit {env['commit']}, {versions}", "", f"`{result['command']}`", ""]
     if base:
         out += [f"Baseline: {base['name']} (commit {base['commit']}, "
                 f"{base['environment']['device']}).", ""]

@@ -4,25 +4,14 @@ the PyTorch original's loader, on the same generated KonIQ-sized JPEGs.
     python -m benchmarks.input_pipeline                       # every variant, >= 10 s each
     python -m benchmarks.input_pipeline --variants=threads,processes --workers=4 --json=out.json
 
-Every variant makes batches of 224x224 crops after a horizontal flip and
-Resize((512, 384)), 20 crops per image per epoch:
-
-- threads:      make_train_dataset, decoding in --workers threads (uint8 crops out);
-- processes:    the same, decoding in --workers grain worker processes of one thread;
-- float32:      threads plus the ImageNet normalisation on the host (the step does it);
-- array_record: threads, reading a TFDS array_record build of the images stored
-                pre-resized to 512x384 (`build_tfds(..., resize=...)`);
-- loop:         threads, consumed as training consumes them (`DeviceBatches`, a
-                jitted step per batch that computes almost nothing): the loop's cost;
-- reference:    torch DataLoader(shuffle=True, num_workers=--workers) over every image
-                listed 20 times, each sample decoding its JPEG, then flip, Resize,
-                RandomCrop, ToTensor, Normalize.
-
-Each is timed for at least --min_seconds and --min_batches after --warmup batches.
-Reported: crops/s, crops/s per decoding worker, images/s (= crops/s / crops per
-image), MB/s crossing to the device, and the ratio to `threads`.
+Variants (224x224 crops after a flip and Resize((512, 384)), 20 per image): threads and
+processes (make_train_dataset decoding in --workers threads or grain processes), float32
+(plus host normalisation), array_record (a pre-resized TFDS build), loop (fed through
+DeviceBatches to a near-empty jitted step), reference (the PyTorch original's DataLoader).
+Reported: crops/s, per worker, images/s, MB/s to the device, and the ratio to threads.
 """
 
+import itertools
 import json
 import os
 import tempfile
@@ -53,22 +42,20 @@ def define_flags():
     flags.DEFINE_integer("workers", 2, "Decoding threads / worker processes / torch workers.")
     flags.DEFINE_integer("mix_images", 16, "Images whose crops are shuffled together.")
     flags.DEFINE_list("variants", list(VARIANTS), f"Which to time, of {', '.join(VARIANTS)}.")
-    flags.DEFINE_string("data_dir", "", "Where to write the JPEGs and the array_record build "
-                        "(default: a temporary folder).")
+    flags.DEFINE_string("data_dir", "", "Folder for the JPEGs and the array_record build "
+                        "(default: a temporary one).")
     flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
 
 def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEGs (smooth colour fields plus fine texture, quality 90), the same for
-    the same arguments, and a manifest.csv listing them; returns their paths."""
+    """Photo-like JPEGs, the same for the same arguments, listed in a manifest.csv."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(num):
-        path = os.path.join(folder, f"{i:05d}.jpg")
+        paths.append(path := os.path.join(folder, f"{i:05d}.jpg"))
         coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
         noise = rng.normal(0, 12, (height, width, 1)).astype(np.float32)
-        paths.append(path)
         if not os.path.isfile(path):
             img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
                              np.float32) + noise
@@ -79,7 +66,7 @@ def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) ->
     return paths
 
 
-def timed(batches, settings, process=lambda batch: batch):
+def timed(batches, settings, bytes_per_value, workers, process=lambda batch: batch):
     """Consumes `batches` (warm-up, then >= min_seconds and >= min_batches); crops/s etc."""
     for _ in range(settings["warmup"]):
         process(next(batches))
@@ -91,8 +78,11 @@ def timed(batches, settings, process=lambda batch: batch):
         last.block_until_ready()
     seconds = time.perf_counter() - t0
     crops = n * settings["batch_size"]
-    return {"batches": n, "crops": crops, "seconds": seconds, "crops_per_s": crops / seconds,
-            "images_per_s": crops / seconds / settings["crops"]}
+    rate = crops / seconds
+    return {"batches": n, "crops": crops, "seconds": seconds, "crops_per_s": rate,
+            "images_per_s": rate / settings["crops"],
+            "crops_per_s_per_worker": rate / max(workers, 1),
+            "mb_per_s_to_device": rate * settings["crop"] ** 2 * 3 * bytes_per_value / 1e6}
 
 
 def bench_grain(variant, settings):
@@ -117,19 +107,11 @@ def bench_grain(variant, settings):
     stream = iter(data.make_train_dataset(source, config, batch_size=settings["batch_size"],
                                           seed=0))
     if variant == "float32":
-        result = timed(stream, settings, process=lambda b: data.normalize(b["image"]))
-    elif variant == "loop":
-        result = timed_loop(stream, settings)
-    else:
-        result = timed(stream, settings)
-    return with_bytes(result, settings, 4 if variant == "float32" else 1, settings["workers"])
-
-
-def with_bytes(result, settings, bytes_per_value, workers):
-    crop = settings["crop"]
-    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * bytes_per_value / 1e6
-    result["crops_per_s_per_worker"] = result["crops_per_s"] / max(workers, 1)
-    return result
+        return timed(stream, settings, 4, settings["workers"],
+                     process=lambda b: data.normalize(b["image"]))
+    if variant == "loop":
+        return timed_loop(stream, settings)
+    return timed(stream, settings, 1, settings["workers"])
 
 
 def timed_loop(stream, settings):
@@ -144,9 +126,8 @@ def timed_loop(stream, settings):
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     batches = device.DeviceBatches(stream, NamedSharding(mesh, P("data")))
-    # A step that depends on the batch (so its transfer must finish) but computes almost
-    # nothing: the loop's own cost is measured, not a model's (on the CPU the "device"
-    # shares the decoding threads' cores).
+    # A step that needs the batch (its transfer must finish) but computes almost nothing:
+    # the loop's own cost, not a model's.
     step = jax.jit(lambda total, b: total + b["image"][-1, -1, -1, -1].astype(jnp.int32))
     total = [jnp.zeros((), jnp.int32)]
 
@@ -154,7 +135,7 @@ def timed_loop(stream, settings):
         total[0] = step(total[0], batch)
         return total[0]
 
-    return timed(batches, settings, process=consume)
+    return timed(batches, settings, 1, settings["workers"], process=consume)
 
 
 def bench_reference(paths, settings):
@@ -176,11 +157,7 @@ def bench_reference(paths, settings):
         shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0,
         collate_fn=load)
 
-    def forever():
-        while True:
-            yield from loader
-
-    return with_bytes(timed(forever(), settings), settings, 4, workers)
+    return timed(itertools.chain.from_iterable(itertools.repeat(loader)), settings, 4, workers)
 
 
 def run(settings) -> dict:
@@ -191,13 +168,9 @@ def run(settings) -> dict:
         base = settings["data_dir"] or tmp
         settings = dict(settings, folder=os.path.join(base, "jpegs"),
                         tfds_dir=os.path.join(base, "tfds"))
-        t0 = time.perf_counter()
         paths = make_jpegs(settings["folder"], settings["num_images"], *settings["image_size"])
-        print(f"{len(paths)} JPEGs {settings['image_size'][0]}x{settings['image_size'][1]} in "
-              f"{time.perf_counter() - t0:.1f}s; Resize{tuple(settings['resize'])}, crop "
-              f"{settings['crop']}, {settings['crops']} crops/image, batch "
-              f"{settings['batch_size']}, {settings['workers']} workers, {os.cpu_count()} CPUs",
-              flush=True)
+        print(f"{len(paths)} JPEGs {'x'.join(map(str, settings['image_size']))}, "
+              f"{settings['workers']} workers, {os.cpu_count()} CPUs", flush=True)
         results = {}
         for variant in settings["variants"]:
             results[variant] = (bench_reference(paths, settings) if variant == "reference"

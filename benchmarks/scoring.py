@@ -4,25 +4,12 @@ one image at a time, and the work apart.
     python -m benchmarks.scoring --checkpoint runs/demo       # 200 generated 1024x768 JPEGs
     python -m benchmarks.scoring --checkpoint runs/tiny --images /data/photos --json out.json
 
-Images: --num_images generated JPEGs of --image_size (benchmarks.input_pipeline's), or
-the first --num_images files of --images DIR. Rows (images, seconds, images/s):
-
-- predict_cli: `python -m hyperiqa_jax.predict` in a child process, end to end (start,
-  imports, restore, compilation, decoding, scoring, CSV), with the time to its first
-  CSV row and its rate after the first batch;
-- quality_model: QualityModel.score in this process (loading, first call apart);
-- jax_per_image: one image at a time, as pyiqa scores a folder: decode and crop a
-  file, one call on its crops, read the score back;
-- decode_only; model_only_one_image, model_only_batched: the model alone on crops in
-  memory (of the first WORK_IMAGES images), one image's crops or --batch_size rows
-  per call.
-
-Each row runs whole passes over the images, after a warm-up, for --min_seconds.
-Ratios: each scorer over jax_per_image; the ceiling, the model alone at its best over
-jax_per_image (no scorer of these crops beats it on this machine); batched over one
-image per call. Agreement: each scorer's largest |score difference| from
-jax_per_image (the CSV has 4 decimals). Scores are in the checkpoint's label units.
-Comparisons with the PyTorch reference: benchmarks.throughput --vs.
+Rows (images, seconds, images/s), each over whole passes for --min_seconds after a
+warm-up: predict_cli (the predict command in a child process, end to end, with the time
+to its first CSV row), quality_model (QualityModel.score), jax_per_image (one image at a
+time, as pyiqa scores a folder), decode_only, model_only_one_image and model_only_batched
+(the model alone on crops in memory). Also ratios over jax_per_image and each scorer's
+largest |score difference| from it.
 """
 
 import csv
@@ -43,9 +30,6 @@ from benchmarks import throughput
 from hyperiqa_jax.errors import ConfigError
 
 WORK_IMAGES = 8  # images whose crops are held in memory to time the model alone
-# CSV rows of the predict command that arrive this close together left the model in one
-# batch (it writes a batch's rows at once).
-SAME_BATCH_S = 0.005
 LABELS = {"predict_cli": "predict CLI (end to end)", "quality_model": "QualityModel.score",
           "jax_per_image": "JAX, one image at a time", "decode_only": "decode and crop only",
           "model_only_one_image": "model only, one image per call",
@@ -55,24 +39,18 @@ LABELS = {"predict_cli": "predict CLI (end to end)", "quality_model": "QualityMo
 def define_flags(flag_values=None):
     """The command's flags (absl), on `flag_values` (default: the global FLAGS)."""
     fv = dict(flag_values=flag_values) if flag_values is not None else {}
-    flags.DEFINE_string("checkpoint", None, "Training workdir (its best checkpoint), best/ or "
-                        "a step folder.", **fv)
-    flags.DEFINE_string("images", None, "Score the image files of this folder instead of "
-                        "generated JPEGs.", **fv)
+    flags.DEFINE_string("checkpoint", None, "Training workdir, best/ or a step folder.", **fv)
+    flags.DEFINE_string("images", None, "Score this folder's images, not generated JPEGs.", **fv)
     flags.DEFINE_integer("num_images", 200, "Images to score (with --images: at most).", **fv)
     flags.DEFINE_string("image_size", "1024x768", "WIDTHxHEIGHT of the generated JPEGs.", **fv)
-    flags.DEFINE_integer("batch_size", 64, "Crops per model call of predict and "
-                         "QualityModel.score, and of the batched model-only row.", **fv)
-    flags.DEFINE_float("min_seconds", 10.0, "Time each row over whole passes until at least "
-                       "this long.", **fv)
-    flags.DEFINE_bool("predict_cli", True, "Time the predict command (--nopredict_cli: skip).",
-                      **fv)
+    flags.DEFINE_integer("batch_size", 64, "Crops per model call.", **fv)
+    flags.DEFINE_float("min_seconds", 10.0, "Time each row over passes this long at least.", **fv)
+    flags.DEFINE_bool("predict_cli", True, "Time the predict command too.", **fv)
     flags.DEFINE_string("json", None, "Also write every number to this JSON file.", **fv)
 
 
 def timed_passes(score_all, count, min_seconds):
-    """Calls score_all() (one pass over `count` images) until `min_seconds` have passed;
-    (the row, the first pass's scores)."""
+    """Passes of score_all() over `count` images for `min_seconds`; (row, first scores)."""
     seconds, first = [], None
     while not seconds or sum(seconds) < min_seconds:
         start = time.perf_counter()
@@ -85,25 +63,13 @@ def timed_passes(score_all, count, min_seconds):
 
 
 def scorer_row(score_paths, paths, min_seconds):
-    """The row of a scorer, a callable from a list of paths to their scores: its first call
-    on one image (compilation), then passes over `paths`; (the row, the scores).
-
-    Another scorer (an exported model, say) is one more entry of in_process_scorers.
-    """
+    """The row of a scorer (paths -> scores): a first call on one image, then passes over
+    `paths`; (the row, the scores)."""
     start = time.perf_counter()
     score_paths(paths[:1])
     warmup_s = time.perf_counter() - start
     row, scores = timed_passes(lambda: score_paths(paths), len(paths), min_seconds)
     return {**row, "warmup_s": warmup_s}, scores
-
-
-def in_process_scorers(model, forward) -> dict:
-    """Name -> scorer (see scorer_row) of the in-process rows; QualityModel.score first."""
-    def one_at_a_time(paths):
-        return [np.mean(np.asarray(forward(model.variables, model.crops(p)), np.float64))
-                for p in paths]
-
-    return {"quality_model": model.score, "jax_per_image": one_at_a_time}
 
 
 def work_rows(model, forward, paths, batch_size, min_seconds) -> dict:
@@ -124,10 +90,7 @@ def work_rows(model, forward, paths, batch_size, min_seconds) -> dict:
 
 def run_predict_cli(checkpoint, paths, batch_size, repeats):
     """The predict command on `paths` given `repeats` times; (the row, pass 1's scores).
-
-    Its CSV comes unbuffered, each line time-stamped on arrival: the first row's
-    time is start-up, restore, compilation and the first batch.
-    """
+    Its CSV lines are time-stamped on arrival: the first row's time includes start-up."""
     command = [sys.executable, "-m", "hyperiqa_jax.predict", "--checkpoint", str(checkpoint),
                "--batch_size", str(batch_size), *map(str, paths * repeats)]
     stamps, lines = [], []
@@ -145,12 +108,8 @@ def run_predict_cli(checkpoint, paths, batch_size, repeats):
         if proc.returncode or len(rows) != len(paths) * repeats:
             raise RuntimeError(f"the predict command failed (status {proc.returncode}, "
                                f"{len(rows)} rows):\n{stderr.read()[-3000:]}")
-    first = stamps[1]  # after the header
-    in_first = sum(t - first <= SAME_BATCH_S for t in stamps[1:])
-    after = (len(rows) - in_first) / (stamps[-1] - first) if len(rows) > in_first else None
     row = {"images": len(rows), "seconds": wall, "images_per_s": len(rows) / wall,
-           "passes": repeats, "time_to_first_score_s": first, "images_in_first_batch": in_first,
-           "after_first_batch_images_per_s": after,
+           "passes": repeats, "time_to_first_score_s": stamps[1],  # stamps[0]: the header
            "command": shlex.join(["python", *command[1:7]]) + " FILES"}
     return row, np.array([float(r["score"] or "nan") for r in rows[:len(paths)]])
 
@@ -179,7 +138,11 @@ def benchmark(args, paths) -> dict:
     model = QualityModel.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
     load_s = time.perf_counter() - start
     forward = jax.jit(lambda v, x: predict_scores(model.model, v, x, model.label_stats)[0])
-    for name, score_paths in in_process_scorers(model, forward).items():
+    def one_at_a_time(paths):  # as pyiqa scores a folder
+        return [np.mean(np.asarray(forward(model.variables, model.crops(p)), np.float64))
+                for p in paths]
+
+    for name, score_paths in (("quality_model", model.score), ("jax_per_image", one_at_a_time)):
         runs[name], scores[name] = scorer_row(score_paths, paths, args.min_seconds)
         print(f"{LABELS[name]}: {runs[name]['images_per_s']:.2f} images/s", flush=True)
     runs["quality_model"]["load_s"] = load_s
@@ -211,9 +174,7 @@ def benchmark(args, paths) -> dict:
 def start_up(name, run) -> str:
     """What a row took before its timed passes (in its seconds only end to end)."""
     if name == "predict_cli":
-        after = run["after_first_batch_images_per_s"]
-        return (f"first score after {run['time_to_first_score_s']:.1f} s"
-                + (f", then {after:.2f} images/s" if after else ""))
+        return f"first score after {run['time_to_first_score_s']:.1f} s"
     if name == "quality_model":
         return f"load {run['load_s']:.1f} s, first call {run['warmup_s']:.1f} s"
     return f"first image {run['warmup_s']:.1f} s" if "warmup_s" in run else ""

@@ -2,30 +2,20 @@
 
     python -m benchmarks.throughput --framework jax --model tiny --mode eval --batch 8
     python -m benchmarks.throughput --vs --model base --mode train --batch 8 --repeats 5
-    python -m benchmarks.throughput --vs --model tiny --mode eval --batch 8 --json
     python -m benchmarks.throughput --model demo --mode train --repeats 10 --steps_per_call 20
 
-`--vs` runs both frameworks in one process, alternating one timed call of each so
-both see the same machine load, and prints the JAX/torch ratio per pair and its
-median. Warm-up (JAX compilation, first torch call) is timed apart and excluded.
-
-The JAX step is the one training runs: `state.init_train_state` and the jitted
-`train_step` of `train.compile_steps` (state donated, batch sharded over a
-one-device mesh, uint8 crops normalised in the step); for eval, `train.eval_step`.
-The torch step is the same computation on weights_conversion.torch_reference's
-HyperIQAReference: forward with dropout and drop path, L1 loss, backward,
-global-norm clipping at 1.0, AdamW with the backbone's learning rate and x10 for
-the rest (optim.make_optimizer). A timed call runs `--steps_per_call` steps, then
-waits for the device once (on a GPU the dispatch of step k+1 overlaps step k, as
-in training); the reported time is per step.
+--vs times JAX and torch alternately in one process and prints their ratio per pair and
+its median (--json: every number); warm-up is excluded. JAX runs training's jitted
+`train_step` (or `eval_step`); torch the same step on weights_conversion.torch_reference
+(AMP, AdamW, clipping). A timed call runs --steps_per_call steps and one device wait.
 """
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
@@ -37,19 +27,16 @@ from hyperiqa_jax import config_defaults
 from hyperiqa_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-# "nano": 56x56 crops of a width-8 Swin with one block per stage and small heads (tests).
-# "micro": Swin-T E6 with a narrow one-block-per-stage backbone (~0.35 GFLOPs per image).
-# "demo": configs/demo.py, the model `make demo` trains (JAX only: the PyTorch reference has
-# no local-energy stem); its train step at batch 8 is most of the demo's wall time.
+# nano: a width-8 Swin on 56x56 crops (tests); micro: a narrow one-block-per-stage Swin-T;
+# demo: configs/demo.py (JAX only: the reference has no local-energy stem).
 MODELS = ("nano", "micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
-# Backbone overrides that timm's Swin, and so the PyTorch reference, has no counterpart of:
-# the demo's local-energy stem and its missing patch LayerNorm.
+# Backbone overrides the PyTorch reference (timm's Swin) cannot build.
 JAX_ONLY_OVERRIDES = ("stem_channels", "patch_norm")
 
-# Dense peak FLOP/s by device kind (vendor figures), for MFU. float32 matmuls run as TF32 on
-# these GPUs by default (jax_default_matmul_precision), and as bf16 passes on TPUs.
-# The first key found in the device kind counts (H100 PCIe before H100 SXM).
+# Dense peak FLOP/s by device kind (vendor figures), for MFU; the first key found in the
+# device kind counts (H100 PCIe before H100 SXM). float32 matmuls run as TF32 on these GPUs
+# and as bf16 passes on TPUs.
 BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
                    "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
                    "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -91,25 +78,18 @@ def model_config(size: str, dtype: str):
 
 
 class JaxRunner:
-    """hyperiqa_jax.train's jitted train step (or evaluation step) on a fixed batch.
-
-    `step()` dispatches one step, `sync()` waits for it; `compiled` is the executable
-    that runs, `lowered` its input to XLA (both for cost and memory analysis).
-    """
-
-    name = "jax"
+    """hyperiqa_jax.train's jitted train (or eval) step on a fixed batch: `step()` dispatches
+    one, `sync()` waits; `lowered` and `compiled` give XLA's cost and memory analyses."""
 
     def __init__(self, config, mode, images, scores):
-        from hyperiqa_jax import models, optim, state, train
+        from hyperiqa_jax import lowering, state, train
 
         train.check_config(config)
-        model = models.build_model(config.model)
-        tx = optim.make_optimizer(config.train, steps_per_epoch=100)
+        model, tx, abstract_state, _ = lowering.abstract_train_inputs(config)
         mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                              devices=jax.devices()[:1])
         rng = jax.random.PRNGKey(config.seed)
         init_fn = lambda r: state.init_train_state(model, tx, config.data.crop_size, r)
-        abstract_state = jax.eval_shape(init_fn, rng)
         train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, (0.0, 1.0), mesh,
                                                            abstract_state)
         self.state = jax.jit(init_fn, out_shardings=shardings["state"])(rng)
@@ -159,15 +139,10 @@ class JaxRunner:
 
 
 class TorchRunner:
-    """The same step for weights_conversion.torch_reference.HyperIQAReference.
+    """The same step for weights_conversion.torch_reference.HyperIQAReference, channels-last
+    on a GPU (NCHW on the CPU); `compile` wraps the model in torch.compile."""
 
-    layout: "nchw" (contiguous), "channels_last", or "auto" (channels-last on a GPU).
-    compile: wrap the model in torch.compile.
-    """
-
-    name = "torch"
-
-    def __init__(self, config, mode, images, scores, *, compile=False, layout="auto"):
+    def __init__(self, config, mode, images, scores, *, compile=False):
         import torch
 
         from weights_conversion.torch_reference import HyperIQAReference
@@ -179,12 +154,10 @@ class TorchRunner:
         self.scores = torch.from_numpy(scores).to(self.device)
         self.mode = mode
         self.autocast = config.model.dtype == "bfloat16"
-        self.layout = layout if layout != "auto" else (
-            "channels_last" if self.device == "cuda" else "nchw")
-        if self.layout == "channels_last":
+        self.layout = "channels_last" if self.device == "cuda" else "nchw"
+        if self.device == "cuda":  # The fast settings a PyTorch user would pick on a GPU.
             self.model = self.model.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
-        if self.device == "cuda":  # The fast settings a PyTorch user would pick on a GPU.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
@@ -254,76 +227,51 @@ def timed(runner, steps_per_call: int = 1) -> float:
 
 def command_line(module, flag_values) -> str:
     """`python -m MODULE` with the flags given on its command line (as a shell would take it)."""
-    given = []
-    for name in flag_values:
-        flag = flag_values[name]
-        if flag.present and flag not in given:
-            given.append(flag)
-    return shlex.join(["python", "-m", module, *(flag.serialize() for flag in given)])
-
-
-def git(*args) -> str | None:
-    """`git ARGS` in this checkout: its output, or None when it fails."""
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    given = {id(flag): flag for name in flag_values if (flag := flag_values[name]).present}
+    return shlex.join(["python", "-m", module, *(flag.serialize() for flag in given.values())])
 
 
 def environment() -> dict:
     """The machine, package versions, commit and date a result was measured with."""
     from importlib import metadata
 
+    from hyperiqa_jax.export import source_commit
+
     versions = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "flax", "numpy", "pillow", "grain", "torch", "timm"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     info = Path("/proc/cpuinfo").read_text() if os.path.isfile("/proc/cpuinfo") else ""
     names = [line.split(":", 1)[1].strip() for line in info.splitlines()
              if line.startswith("model name")]  # Linux: the CPU's model
-    dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count(),
             "cpu": (names or [platform.processor() or platform.machine()])[0],
-            "cpu_count": os.cpu_count(), "system": platform.platform(),
-            "versions": versions, "commit": git("rev-parse", "HEAD"),
-            "tree_dirty": None if dirty is None else bool(dirty),
+            "cpu_count": os.cpu_count(), "system": platform.platform(), "versions": versions,
+            "commit": source_commit(),  # "+dirty" with local changes
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def define_flags(flag_values=None):
     """The command's flags (absl), on `flag_values` (default: the global FLAGS)."""
     fv = dict(flag_values=flag_values) if flag_values is not None else {}
-    flags.DEFINE_enum("framework", "jax", ["jax", "torch"],
-                      "Which implementation to time (ignored with --vs).", **fv)
-    flags.DEFINE_bool("vs", False, "Time jax and torch alternately in this process; print the "
-                      "JAX/torch ratio per pair and their median.", **fv)
-    flags.DEFINE_enum("model", "tiny", list(MODELS), "Swin-T, Swin-S or Swin-B backbone in the "
-                      "E6 model (micro: a narrow one-block-per-stage Swin-T, for smoke tests; "
-                      "nano: a tiny model on 56x56 crops, for tests; demo: configs/demo.py, "
-                      "JAX only).", **fv)
-    flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: forward only; train: forward, "
-                      "backward and AdamW update.", **fv)
-    flags.DEFINE_integer("batch", 8, "Images per call (224x224; nano: 56x56).", **fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                      "Compute dtype (torch: autocast to it).", **fv)
+    flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "What to time (without --vs).", **fv)
+    flags.DEFINE_bool("vs", False, "Time jax and torch alternately; print their ratio.", **fv)
+    flags.DEFINE_enum("model", "tiny", list(MODELS), "E6 model with a Swin-T/S/B backbone "
+                      "(micro, nano: small ones for smoke tests; demo: JAX only).", **fv)
+    flags.DEFINE_enum("mode", "eval", ["eval", "train"], "Forward only, or a training step.",
+                      **fv)
+    flags.DEFINE_integer("batch", 8, "Images per step (224x224; nano: 56x56).", **fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed calls per framework.", **fv)
-    flags.DEFINE_integer("steps_per_call", 1, "Steps per timed call, one device wait at its "
-                         "end.", **fv)
-    flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default).", **fv)
+    flags.DEFINE_integer("steps_per_call", 1, "Steps per timed call (one wait at its end).",
+                         **fv)
     flags.DEFINE_bool("torch_compile", False, "Wrap the torch model in torch.compile.", **fv)
-    flags.DEFINE_enum("torch_layout", "auto", ["auto", "nchw", "channels_last"],
-                      "torch memory format (auto: channels-last on GPU).", **fv)
-    flags.DEFINE_float("peak_flops", 0.0, "Device peak FLOP/s for MFU (default: looked up by "
-                       "device kind and dtype; float32 against the TF32 peak).", **fv)
+    flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (default: by device kind).", **fv)
     flags.DEFINE_bool("json", False, "Print one JSON object instead.", **fv)
 
 
 def measure(model, mode, batch, dtype="float32", frameworks=("jax",), *, repeats=5,
-            steps_per_call=1, torch_options=None, peak=None) -> dict:
+            steps_per_call=1, torch_compile=False, peak=None) -> dict:
     """Builds one runner per framework, times them alternately; the result --json prints."""
     config = model_config(model, dtype)
     unsupported = jax_only_overrides(config.model)
@@ -332,8 +280,8 @@ def measure(model, mode, batch, dtype="float32", frameworks=("jax",), *, repeats
                           f"{unsupported}: time --model {model} with --framework jax")
     runners, warmup = {}, {}
     for name in frameworks:
-        runners[name], warmup[name] = build(name, config, mode, batch,
-                                            **((torch_options or {}) if name == "torch" else {}))
+        options = {"compile": torch_compile} if name == "torch" else {}
+        runners[name], warmup[name] = build(name, config, mode, batch, **options)
     times = {name: [] for name in frameworks}
     for _ in range(repeats):
         for name in frameworks:
@@ -352,7 +300,7 @@ def measure(model, mode, batch, dtype="float32", frameworks=("jax",), *, repeats
                          flops_lowered=runner.flops("lowered"),
                          mfu=flops / median / peak if flops and peak else None)
         else:
-            entry.update(layout=runner.layout, compiled=bool((torch_options or {}).get("compile")))
+            entry.update(layout=runner.layout, compiled=torch_compile)
         result["frameworks"][name] = entry
     if len(frameworks) == 2:
         result["ratios"] = [t / j for j, t in zip(times["jax"], times["torch"])]
@@ -364,13 +312,10 @@ def main(argv, flag_values=None) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     args = flag_values if flag_values is not None else flags.FLAGS
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     result = measure(args.model, args.mode, args.batch, args.dtype,
                      ("jax", "torch") if args.vs else (args.framework,), repeats=args.repeats,
                      steps_per_call=args.steps_per_call, peak=args.peak_flops or None,
-                     torch_options={"compile": args.torch_compile, "layout": args.torch_layout})
+                     torch_compile=args.torch_compile)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -75,8 +75,6 @@ def test_counts_and_rates_are_consistent(run):
         assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"], rel=1e-12), name
     cli_run = result["runs"]["predict_cli"]
     assert 0 < cli_run["time_to_first_score_s"] <= cli_run["seconds"]
-    # 6 images' 12 crops take two batches of 8: two groups of rows, seconds apart or not.
-    assert 1 <= cli_run["images_in_first_batch"] <= NUM_IMAGES
     assert "-m hyperiqa_jax.predict --checkpoint" in cli_run["command"]
     rate = {name: result["runs"][name]["images_per_s"] for name in RUNS}
     ratios = result["ratios"]
