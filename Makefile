@@ -13,9 +13,13 @@ $(VENV)/.installed-base: pyproject.toml constraints.txt
 	touch $@
 
 # Plus the `torch` extra (torch, torchvision, timm, safetensors: weight conversion and
-# the PyTorch parity tests) and the `dev` extra (pytest, ruff).
+# the PyTorch parity tests) and the `dev` extra (pytest, ruff); and the packages of the
+# `tpu-aot` and `gpu-aot` extras (the TPU and GPU compilers of hyperiqa_jax.aot) in a folder
+# of their own, which only that command puts on its path: installed in the environment,
+# they would make every JAX process look for a TPU and a GPU.
 $(VENV)/.installed: $(VENV)/.installed-base
 	$(PIP) -e ".[torch,dev]"
+	$(PIP) --no-deps --target $(VENV)/aot-compilers libtpu jax-cuda12-plugin jax-cuda12-pjrt
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,7 +38,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
-	.venv-lock/bin/python -m pip install -q -e ".[torch,dev]"
+	.venv-lock/bin/python -m pip install -q -e ".[torch,dev,tpu-aot,gpu-aot]"
 	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } \
 		> constraints.txt.new
 	mv constraints.txt.new constraints.txt

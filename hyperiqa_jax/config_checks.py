@@ -77,7 +77,7 @@ AT_LEAST_ZERO = ("train.max_steps", "train.eval_every_steps", "train.eval_every_
 AT_LEAST_MINUS_ONE = ("data.worker_processes",)
 CHOICES = {"train.loss": ("l1", "smooth_l1"),
            "train.schedule": ("cosine_epoch", "warmup_cosine", "constant"),
-           "data.eval_protocol": ("random", "center", "grid")}
+           "data.eval_protocol": data.PROTOCOLS}
 WHY = {"data.crop_step": " (1: crop corners anywhere; 8: on JPEG's 8x8 block grid)",
        "train.eval_batch_size": " (0: the same as train.batch_size)",
        "train.max_steps": " (0: train.epochs decides)"}

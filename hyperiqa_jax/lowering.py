@@ -13,6 +13,9 @@ host and blocks the stream, and ends a CUDA graph there), loops, and host
 callbacks. `jax.lax.platform_dependent` emits conditionals too, but on a
 constant index, and only the lowered platform's branch, which XLA folds away;
 those are not counted.
+
+The steps are train.py's own (`trace_steps`: train.compile_steps on a `data`
+mesh). `hyperiqa_jax.aot` compiles them further, with the TPU and GPU compilers.
 """
 
 import dataclasses
@@ -88,11 +91,15 @@ def memory_analysis(traced) -> dict:
             "output_gib": stats.output_size_in_bytes / 2**30}
 
 
-def abstract_train_inputs(config, batch: int = 1):
-    """(model, tx, abstract state, abstract batch) for `train.train_step`, computing nothing."""
+def abstract_train_inputs(config, batch: int = 1, platform: str | None = None):
+    """(model, tx, abstract state, abstract batch) for `train.train_step`, computing nothing.
+
+    `platform` is where the step will run, which "auto" precision follows
+    (models.compute_dtype); JAX's default backend unless given.
+    """
     from hyperiqa_jax import models, optim, state
 
-    model = models.build_model(config.model)
+    model = models.build_model(config.model, platform)
     tx = optim.make_optimizer(config.train, steps_per_epoch=100)
     crop = config.data.crop_size
     train_state = jax.eval_shape(lambda: state.init_train_state(model, tx, crop,
@@ -104,19 +111,31 @@ def abstract_train_inputs(config, batch: int = 1):
     return model, tx, train_state, batch_spec
 
 
-def trace_steps(config, batch: int = 1):
-    """{'train': traced train step, 'eval': traced scoring forward} of a config."""
+def trace_steps(config, batch: int = 1, platform: str | None = None, mesh=None):
+    """{'train': traced train step, 'eval': traced scoring step}, jitted as train.py jits them.
+
+    `mesh` has train.py's one `data` axis (this host's first device unless given);
+    `batch` is per device of it. "auto" precision follows `platform`.
+    """
     from hyperiqa_jax import state, train
 
-    model, tx, train_state, batch_spec = abstract_train_inputs(config, batch)
-    label_stats = (0.0, 1.0)
-    train_batch = {k: batch_spec[k] for k in ("image", "score")}
-    eval_batch = {k: batch_spec[k] for k in ("image", "image_index", "valid")}
-    train_fn = jax.jit(lambda s, b: train.train_step(
-        s, b, model=model, tx=tx, train_config=config.train, label_stats=label_stats))
-    eval_fn = jax.jit(lambda v, b: train.eval_step(v, b, model=model, label_stats=label_stats))
-    return {"train": train_fn.trace(train_state, train_batch),
-            "eval": eval_fn.trace(state.inference_variables(train_state), eval_batch)}
+    mesh = mesh or jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    model, tx, train_state, batch_spec = abstract_train_inputs(config, batch * mesh.size,
+                                                               platform)
+    train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, (0.0, 1.0), mesh,
+                                                       train_state)
+
+    def placed(tree, sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+
+    train_batch = placed({k: batch_spec[k] for k in ("image", "score")}, shardings["batch"])
+    eval_batch = placed({k: batch_spec[k] for k in ("image", "image_index", "valid")},
+                        shardings["batch"])
+    variables = placed(state.inference_variables(train_state), shardings["repl"])
+    with jax.set_mesh(mesh):
+        return {"train": train_fn.trace(train_state, train_batch),
+                "eval": eval_fn.trace(variables, eval_batch)}
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -157,8 +176,8 @@ def main(argv, flag_values=flags.FLAGS) -> int:
                           "kernels": config.model.kernels, "remat": config.model.remat,
                           "batch": args.batch, **stats}))
         return 0
-    for step, traced in trace_steps(config, args.batch).items():
-        for platform in platforms:
+    for platform in platforms:  # "auto" precision differs per platform: one trace each
+        for step, traced in trace_steps(config, args.batch, platform).items():
             counts = control_flow(traced.lower(lowering_platforms=(platform,)))
             print(f"{step:<5} {platform:<4} conditionals {counts.conditionals:4d}  "
                   f"loops {counts.loops:3d}  host callbacks {counts.host_callbacks:3d}")

@@ -7,6 +7,8 @@ The workdir collects everything: `checkpoints/` (latest K, resumable: rerun the
 same command to continue exactly where it stopped), `best/` (best test SRCC,
 what evaluate/predict read), `metrics.jsonl`, TensorBoard events in `tb/` and
 `summary.json`. It may be a `gs://` path (etils.epath, as Orbax uses).
+Exit status: 0 when the run ends, 75 (EXIT_PREEMPTED) after SIGTERM stopped it
+with a checkpoint saved (the launchers requeue or rerun on it), 2 for a user error.
 
 Read top to bottom, the file follows the data: config -> steps -> evaluation
 -> logging -> the run (mesh, input, state, loop). The global batch is split
@@ -43,7 +45,7 @@ from hyperiqa_jax.config_checks import check_config, eval_batch_size
 from hyperiqa_jax.data import device
 from hyperiqa_jax.data.image import normalize
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable, quiet_library_logs
+from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable
 from hyperiqa_jax.paths import is_url
 
 # ----------------------------------------------------------------------------
@@ -58,6 +60,12 @@ def _log(message):
 
 def _config_to_json(config):
     return json.loads(config.to_json_best_effort())
+
+
+# Exit status after SIGTERM stopped the run with a checkpoint saved (EX_TEMPFAIL of
+# sysexits.h, "try again"): a job scheduler's requeue path acts on it; 0 means finished.
+EXIT_PREEMPTED = 75
+PREEMPTED = "preempted (SIGTERM): checkpoint saved, rerun to resume"
 
 
 def workdir_path(workdir):
@@ -304,12 +312,9 @@ def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir,
     """
     check_checkpoint_fits(ckpt, step, abstract_state, config)
     target = checkpointing.with_shardings(abstract_state, shardings["state"])
-    # The grain iterator state is saved per process; a checkpoint from another
-    # process count has none for this layout, so the data position is rebuilt
+    # Without a saved position for this process layout, the data position is rebuilt
     # from the step count (skip that many batches of this process's stream).
-    iter_file = (epath.Path(str(ckpt.latest.directory)) / str(step) / "data_iter" /
-                 f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    same_layout = iter_file.exists()
+    same_layout = ckpt.has_data_position(step)
     try:
         train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
     except Exception as e:  # the metadata fit: the array or iterator files are damaged
@@ -428,9 +433,18 @@ def checkpoint_meta(config, label_stats, step, steps_per_epoch, progress):
             "step": int(step), "epoch": step / steps_per_epoch, **dataclasses.asdict(progress)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary."""
-    check_config(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       records=None) -> dict:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary.
+
+    `records`: the (train, test) sources of a caller that has already checked the
+    config and loaded them (`main`); without them both happen here.
+    """
+    if records is None:
+        check_config(config)
+        records = load_train_test_records(config)
+    train_records, test_records = records
+    data.pipeline.mark_flags_parsed()
     tc = config.train
     workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +456,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
     # ---- Input: this process's shard of the train set; its share of the test set.
-    train_records, test_records = load_train_test_records(config)
     if not len(train_records):
         raise UserError(f"no training images in {config.data.name} ({config.data.root})")
     label_stats = label_statistics(data.split_scores(train_records), tc.standardize_labels)
@@ -522,7 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpoint_meta(config, label_stats, step, steps_per_epoch, progress),
                     state_kind="train"))
             if preempted:
-                stop_reason = "preempted (SIGTERM): checkpoint saved, rerun to resume"
+                stop_reason = PREEMPTED
             if stop_reason != "completed":
                 break
     bar.close()
@@ -593,7 +606,6 @@ def check_images(records, data_config, sample=32):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
@@ -604,7 +616,7 @@ def main(argv):
         distributed.initialize()
     except ValueError as e:  # the cluster settings (flags / JAX_* variables) do not fit
         raise ConfigError(str(e)) from e
-    # Both again inside train_and_evaluate; here before any set-up (seconds, not minutes).
+    # Before any set-up: a wrong setting fails in seconds, not after the compilation.
     check_config(FLAGS.config)
     backbone = FLAGS.config.pretrained_backbone
     steps = (workdir_path(FLAGS.workdir) / checkpointing.LATEST_DIR).glob("[0-9]*")
@@ -615,8 +627,25 @@ def main(argv):
             "`python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR` "
             "(needs the torch extra) and pass --config.pretrained_backbone=DIR, or '' to train "
             "from scratch")
-    check_images(load_train_test_records(FLAGS.config)[0], FLAGS.config.data)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    records = load_train_test_records(FLAGS.config)
+    check_images(records[0], FLAGS.config.data)
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, records)
+    return exit_status(summary)
+
+
+def exit_status(summary):
+    """0 for a finished run, EXIT_PREEMPTED when SIGTERM stopped it (checkpoint saved).
+
+    With several processes all of them first meet here: a launcher that stops the
+    others when one exits non-zero (srun --kill-on-bad-exit) then cannot cut short a
+    peer that is still closing its checkpoint or writing the summary.
+    """
+    if summary["stop_reason"] != PREEMPTED:
+        return 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hyperiqa_jax.train preempted exit")
+    return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -17,19 +17,27 @@ DTYPES = ("auto", "float32", "bfloat16")
 ACCELERATOR_DTYPE = "bfloat16"  # model.dtype="auto" on a GPU or TPU; float32 on the CPU.
 
 
-def compute_dtype(model_config) -> jnp.dtype:
-    """`model_config.dtype`, with "auto" resolved for JAX's default backend."""
+def compute_dtype(model_config, platform: str | None = None) -> jnp.dtype:
+    """`model_config.dtype`, with "auto" resolved for `platform` ("cpu", "cuda", "tpu", ...).
+
+    `platform` is where the model will run: JAX's default backend unless given. A step
+    compiled here for another machine (hyperiqa_jax.aot, lowering) names that machine's.
+    """
     name = model_config.dtype
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else ACCELERATOR_DTYPE
+        platform = platform or jax.default_backend()
+        name = "float32" if platform == "cpu" else ACCELERATOR_DTYPE
     return jnp.dtype(name)
 
 
-def build_backbone(model_config):
-    """The backbone module named by `model_config.backbone` (a timm Swin name or 'resnet50')."""
-    dtype = compute_dtype(model_config)
+def build_backbone(model_config, platform: str | None = None):
+    """The backbone module named by `model_config.backbone` (a timm Swin name or 'resnet50').
+
+    `platform`: where it will run (see `compute_dtype`); JAX's default backend unless given.
+    """
+    dtype = compute_dtype(model_config, platform)
     if model_config.backbone in RESNET_BACKBONES:
         return ResNet50(dtype=dtype, remat=model_config.remat)
     overrides = dict(model_config.backbone_overrides or {})
@@ -41,12 +49,15 @@ def build_backbone(model_config):
     return swin_from_name(model_config.backbone, **overrides)
 
 
-def build_model(model_config) -> HyperIQA:
-    """HyperIQA for a config's model section (config_defaults.model_config; every field is read)."""
+def build_model(model_config, platform: str | None = None) -> HyperIQA:
+    """HyperIQA for a config's model section (config_defaults.model_config; every field is read).
+
+    `platform`: where it will run, which "auto" precision follows (see `compute_dtype`).
+    """
     kind = "resnet" if model_config.backbone in RESNET_BACKBONES else "swin"
     widths = model_config.hyper_feature_widths or HYPER_FEATURE_WIDTHS[kind]
     return HyperIQA(
-        backbone=build_backbone(model_config),
+        backbone=build_backbone(model_config, platform),
         multi_scale=bool(model_config.multi_scale),
         attention=str(model_config.attention),
         hyper_feature_widths=tuple(widths),
@@ -58,7 +69,7 @@ def build_model(model_config) -> HyperIQA:
         attention_dropout=float(model_config.attention_dropout),
         attention_gate_bias=float(model_config.attention_gate_bias),
         small_target_init=bool(model_config.small_target_init),
-        dtype=compute_dtype(model_config),
+        dtype=compute_dtype(model_config, platform),
     )
 
 
