@@ -293,11 +293,11 @@ class UnreadableCheckpoint(UserError):
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         older = [s for s in ckpt.latest.all_steps() if s < step]
         if older:
-            todo = (f"step {max(older)} is the checkpoint before it: to resume from there, move "
+            todo = (f"Step {max(older)} is the checkpoint before it: to resume from there, move "
                     f"{manager_dir / str(step)} out of {manager_dir} and rerun; or train into a "
                     "new --workdir")
         else:
-            todo = (f"there is no older checkpoint: move {manager_dir / str(step)} out of "
+            todo = (f"There is no older checkpoint: move {manager_dir / str(step)} out of "
                     f"{manager_dir} to start over, or train into a new --workdir")
         super().__init__(f"the newest checkpoint, step {step} in {manager_dir}, cannot be read "
                          f"(truncated or damaged files? {type(error).__name__}: {reason}); "

@@ -125,7 +125,7 @@ def test_unreadable_newest_checkpoint_names_the_older_step(tmp_path, two_steps, 
     before = _files(workdir)
     text = _resume_error(config, workdir)
     assert f"the newest checkpoint, step 2 in {workdir / 'checkpoints'}, cannot be read" in text
-    assert f"step 1 is the checkpoint before it: to resume from there, move {newest} out" in text
+    assert f"Step 1 is the checkpoint before it: to resume from there, move {newest} out" in text
     assert _files(workdir) == before  # nothing deleted or rewritten
     # Doing what it says resumes from step 1.
     shutil.move(newest, tmp_path / "step_2_damaged")
