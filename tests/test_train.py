@@ -349,8 +349,8 @@ def test_resnet_batch_stats_train_and_are_scored(tmp_path, demo_root):
                    log_every_steps=1)
     summary = train.train_and_evaluate(c, str(tmp_path))
     assert summary["step"] == 2 and summary["best_step"] == 2
-    init = state.init_variables(build_model(c.model), 224, *jax.random.split(
-        jax.random.PRNGKey(c.seed), 3)[:2])
+    init = jax.jit(lambda r, d: state.init_variables(build_model(c.model), 224, r, d))(
+        *jax.random.split(jax.random.PRNGKey(c.seed), 3)[:2])
     model = QualityModel.from_checkpoint(str(tmp_path))
     trained = jax.device_get(model.variables)
     assert "batch_stats" in trained
