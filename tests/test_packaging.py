@@ -4,6 +4,7 @@ configs/ and benchmarks/ are folders of the repository, read by path or run from
 checkout; only hyperiqa_jax and weights_conversion are installed.
 """
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -50,6 +51,9 @@ def test_train_predict_and_evaluate_run_from_another_folder(wheel_site, tmp_path
     elsewhere.mkdir()
     # The unpacked wheel first on the path, started from a folder without the checkout.
     env = {"PYTHONPATH": str(wheel_site), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    # The test session's compilation cache (tests/conftest.py): the same programs.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("JAX_PERSISTENT_CACHE")
+                or k == "JAX_COMPILATION_CACHE_DIR"})
 
     def command(*args):
         out = subprocess.run([sys.executable, "-m", *args], cwd=elsewhere, env=env,

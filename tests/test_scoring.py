@@ -62,7 +62,7 @@ def test_score_is_mean_over_crops_in_label_units(workdir, images):
     crops = model.crops(images[0])
     assert crops.shape == (model.num_crops, model.crop_size, model.crop_size, 3)
     assert crops.dtype == np.uint8
-    raw = model.model.apply(jax.device_get(model.variables), normalize(crops))["score"]
+    raw = jax.jit(model.model.apply)(jax.device_get(model.variables), normalize(crops))["score"]
     np.testing.assert_allclose(model.score(images[:1])[0], float(np.mean(raw)) * 20 + 50,
                                rtol=1e-5)
 

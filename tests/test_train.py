@@ -304,7 +304,9 @@ def test_step_normalises_uint8_crops_as_the_host_did():
     c = train_utils.tiny_config()
     c.model.dropout = c.model.drop_path_rate = 0.0
     model = build_model(c.model)
-    variables = state.init_variables(model, 56, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
+    # Compiled: op-by-op dispatch of the model costs far more than one compilation.
+    variables = jax.jit(lambda r, d: state.init_variables(model, 56, r, d))(
+        jax.random.PRNGKey(0), jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
     scores = np.array([10.0, 40.0, 60.0, 90.0], np.float32)
@@ -314,7 +316,7 @@ def test_step_normalises_uint8_crops_as_the_host_did():
                                 jax.random.PRNGKey(2))
     # The host path before this change: (x / 255 - mean) / std in float64, then float32.
     host = ((crops / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD).astype(np.float32)
-    out = model.apply(variables, host, train=False)["score"]
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, host)["score"]
     expected = train.score_loss(out, (scores - 50.0) / 20.0, c.train)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(TypeError, match="uint8"):
@@ -357,8 +359,8 @@ def test_resnet_batch_stats_train_and_are_scored(tmp_path, demo_root):
                    log_every_steps=1)
     summary = train.train_and_evaluate(c, str(tmp_path))
     assert summary["step"] == 2 and summary["best_step"] == 2
-    init = state.init_variables(build_model(c.model), 224, *jax.random.split(
-        jax.random.PRNGKey(c.seed), 3)[:2])
+    init = jax.jit(lambda r, d: state.init_variables(build_model(c.model), 224, r, d))(
+        *jax.random.split(jax.random.PRNGKey(c.seed), 3)[:2])
     model = QualityModel.from_checkpoint(str(tmp_path))
     trained = jax.device_get(model.variables)
     assert "batch_stats" in trained
