@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The demo re-executes itself under mimalloc, which the package installs
 # (hyperiqa_jax/allocator.py; HYPERIQA_ALLOCATOR=system opts out).

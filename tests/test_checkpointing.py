@@ -16,7 +16,6 @@ from hyperiqa_jax import checkpointing
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
-train_utils.enable_compilation_cache()
 
 
 def _state(value):

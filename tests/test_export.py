@@ -21,7 +21,6 @@ from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER = REPO / "hyperiqa_jax" / "exported.py"
-train_utils.enable_compilation_cache()
 
 
 # ---------------------------------------------------------------------------- crops

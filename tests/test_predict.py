@@ -20,7 +20,6 @@ from tests import train_utils
 from tests.test_report import PageParser
 
 REPO = Path(__file__).resolve().parents[1]
-train_utils.enable_compilation_cache()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from hyperiqa_jax.errors import UserError
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
-train_utils.enable_compilation_cache()
 
 # The tiny config's fused channels: its four stage widths 8, 16, 32, 64. The channel
 # attention's `expand` layer maps them back to as many gate logits.

@@ -19,7 +19,6 @@ from hyperiqa_jax.models import build_model
 from tests import train_utils
 
 REPO = Path(__file__).resolve().parents[1]
-train_utils.enable_compilation_cache()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 
 from benchmarks import gpu_check
 from hyperiqa_jax import cli, train
-from tests import train_utils
 
 ROW = ["--models=nano", "--modes=eval", "--dtypes=float32", "--batches=1", "--repeats=2",
        "--steps_per_call=1"]
@@ -26,7 +25,6 @@ def markdown_rows(path):
 def run(tmp_path_factory):
     """One row timed against the PyTorch reference; (the JSON, the output folder, the number
     of traces of the training code's evaluation step)."""
-    train_utils.enable_compilation_cache()
     out = tmp_path_factory.mktemp("gpu_check")
     traced = []
     original = train.eval_step
