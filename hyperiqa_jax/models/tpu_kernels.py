@@ -17,8 +17,10 @@ numbers are those of `swin.window_attention` up to float rounding: float32 logit
 softmax and accumulation, probabilities and logit gradients rounded to the compute
 dtype before their products (as flash attention does).
 
-`window_attention` runs on TPUs (swin.py picks it with `kernels="auto"`) and, with
-`interpret=True`, anywhere (the tests check it against the XLA version on the CPU).
+`window_attention` is for TPUs (swin.py picks it with `kernels="auto"` when the step is
+lowered for a TPU) and, with `interpret=True`, runs anywhere. The kernels are checked
+against the XLA version in Pallas' interpreter on the CPU and compiled by the TPU
+compiler (libtpu) without a device; they have not been run on a TPU yet.
 Data-parallel callers (train.py's `data` mesh) run it per device with `shard_map`.
 """
 

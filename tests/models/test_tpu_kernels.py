@@ -1,8 +1,9 @@
 """Window attention's Pallas TPU kernels, run by Pallas' interpreter on the CPU.
 
 The interpreter runs the kernels' own code (blocks, lane masks, the hand-written
-backward) with XLA:CPU's arithmetic; the TPU compiles the same code (tests/test_aot.py
-compiles a model that uses it).
+backward) with XLA:CPU's arithmetic. The TPU compiler (libtpu) compiles the same code
+(`python -m hyperiqa_jax.aot --target=tpu:v5p-8 --config=configs/base.py`); it has not
+been run on a TPU yet.
 """
 
 import jax
