@@ -1,38 +1,30 @@
 r"""Training input throughput: the grain pipeline's variants, the training loop's feed, and
-the PyTorch reference's loader, on the same generated KonIQ-sized JPEGs.
+the PyTorch original's loader, on the same generated KonIQ-sized JPEGs.
 
     python -m benchmarks.input_pipeline                       # every variant, >= 10 s each
     python -m benchmarks.input_pipeline --variants=threads,processes --workers=4 --json=out.json
 
-Every variant produces batches of 224x224 crops after a horizontal flip and
+Every variant makes batches of 224x224 crops after a horizontal flip and
 Resize((512, 384)), 20 crops per image per epoch:
 
 - threads:      make_train_dataset, decoding in --workers threads (uint8 crops out);
-- processes:    the same stream decoded in --workers grain worker processes (one
-                thread each; data.worker_processes);
-- float32:      threads, plus the ImageNet normalisation on the host, as the
-                pipeline did before crops went to the device as uint8;
-- array_record: threads, reading a TFDS array_record build of the same images
-                stored pre-resized to 512x384 (`build_tfds(..., resize=...)`);
-- loop:         threads, consumed the way the training loop consumes them
-                (`DeviceBatches`: global arrays, DEVICE_PREFETCH ahead, a jitted step
-                per batch that depends on it but computes almost nothing); goal:
-                >= 95% of `threads` crops/s;
-- reference:    the original PyTorch way: every image listed 20 times, each
-                sample decodes the JPEG, then flip, Resize, RandomCrop, ToTensor,
-                Normalize; torch DataLoader(shuffle=True, num_workers=--workers).
+- processes:    the same, decoding in --workers grain worker processes of one thread;
+- float32:      threads plus the ImageNet normalisation on the host (the step does it);
+- array_record: threads, reading a TFDS array_record build of the images stored
+                pre-resized to 512x384 (`build_tfds(..., resize=...)`);
+- loop:         threads, consumed as training consumes them (`DeviceBatches`, a
+                jitted step per batch that computes almost nothing): the loop's cost;
+- reference:    torch DataLoader(shuffle=True, num_workers=--workers) over every image
+                listed 20 times, each sample decoding its JPEG, then flip, Resize,
+                RandomCrop, ToTensor, Normalize.
 
-Each variant is timed for at least --min_seconds after --warmup batches.
+Each is timed for at least --min_seconds and --min_batches after --warmup batches.
 Reported: crops/s, crops/s per decoding worker, images/s (= crops/s / crops per
-image), MB/s crossing to the device, and the ratios to `threads`.
+image), MB/s crossing to the device, and the ratio to `threads`.
 """
-
-from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 
@@ -40,7 +32,12 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from benchmarks import throughput
+from hyperiqa_jax.errors import ConfigError
+
 VARIANTS = ("threads", "processes", "float32", "array_record", "loop", "reference")
+SETTINGS = ("num_images", "crop", "crops", "batch_size", "min_seconds", "min_batches",
+            "warmup", "workers", "mix_images", "variants", "data_dir")
 
 
 def define_flags():
@@ -62,46 +59,33 @@ def define_flags():
 
 
 def make_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEGs (smooth colour fields plus fine texture, quality 90) + manifest.csv."""
+    """Photo-like JPEGs (smooth colour fields plus fine texture, quality 90), the same for
+    the same arguments, and a manifest.csv listing them; returns their paths."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(num):
         path = os.path.join(folder, f"{i:05d}.jpg")
-        paths.append(path)
-        if os.path.isfile(path):
-            continue
         coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
-                         np.float32)
-        img += rng.normal(0, 12, (height, width, 1)).astype(np.float32)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+        noise = rng.normal(0, 12, (height, width, 1)).astype(np.float32)
+        paths.append(path)
+        if not os.path.isfile(path):
+            img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
+                             np.float32) + noise
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
     with open(os.path.join(folder, "manifest.csv"), "w") as f:
         f.write("path,score,split\n")
         f.writelines(f"{os.path.basename(p)},{i},train\n" for i, p in enumerate(paths))
     return paths
 
 
-def data_config(settings, **changes):
-    from hyperiqa_jax import config_defaults
-
-    c = config_defaults.reference_config().data
-    c.update(name="manifest", root=settings["folder"], resize=tuple(settings["resize"]),
-             crop_size=settings["crop"], train_crops=settings["crops"], max_bad_fraction=0.0,
-             num_workers=settings["workers"], worker_processes=0,
-             mix_images=settings["mix_images"])
-    c.update(changes)
-    return c
-
-
-def timed(batches, settings, process=None):
+def timed(batches, settings, process=lambda batch: batch):
     """Consumes `batches` (warm-up, then >= min_seconds and >= min_batches); crops/s etc."""
     for _ in range(settings["warmup"]):
-        process(next(batches)) if process else next(batches)
+        process(next(batches))
     n, t0 = 0, time.perf_counter()
     while n < settings["min_batches"] or time.perf_counter() - t0 < settings["min_seconds"]:
-        batch = next(batches)
-        last = process(batch) if process else batch
+        last = process(next(batches))
         n += 1
     if hasattr(last, "block_until_ready"):
         last.block_until_ready()
@@ -111,20 +95,18 @@ def timed(batches, settings, process=None):
             "images_per_s": crops / seconds / settings["crops"]}
 
 
-def train_stream(source, config, settings):
-    from hyperiqa_jax.data import make_train_dataset
-
-    return iter(make_train_dataset(source, config, batch_size=settings["batch_size"], seed=0))
-
-
 def bench_grain(variant, settings):
-    from hyperiqa_jax import data
+    """A variant of the training pipeline (all but `reference`)."""
+    from hyperiqa_jax import config_defaults, data
 
-    workers = settings["workers"]
+    config = config_defaults.reference_config().data
+    config.update(name="manifest", root=settings["folder"], resize=tuple(settings["resize"]),
+                  crop_size=settings["crop"], train_crops=settings["crops"],
+                  max_bad_fraction=0.0, num_workers=settings["workers"], worker_processes=0,
+                  mix_images=settings["mix_images"])
     if variant == "processes":
-        config = data_config(settings, num_workers=1, worker_processes=workers)
-    else:
-        config = data_config(settings)
+        config.update(num_workers=1, worker_processes=settings["workers"])
+        data.pipeline.mark_flags_parsed()
     if variant == "array_record":
         builder = data.build_tfds("manifest", settings["folder"], settings["tfds_dir"],
                                   splits=("train",), resize=config.resize,
@@ -132,19 +114,21 @@ def bench_grain(variant, settings):
         source = data.load_tfds_source(builder, "train")
     else:
         source = data.load_records("manifest", settings["folder"], "train")
-    stream = train_stream(source, config, settings)
+    stream = iter(data.make_train_dataset(source, config, batch_size=settings["batch_size"],
+                                          seed=0))
     if variant == "float32":
         result = timed(stream, settings, process=lambda b: data.normalize(b["image"]))
-        bytes_per_crop = 4
     elif variant == "loop":
         result = timed_loop(stream, settings)
-        bytes_per_crop = 1
     else:
         result = timed(stream, settings)
-        bytes_per_crop = 1
+    return with_bytes(result, settings, 4 if variant == "float32" else 1, settings["workers"])
+
+
+def with_bytes(result, settings, bytes_per_value, workers):
     crop = settings["crop"]
-    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * bytes_per_crop / 1e6
-    result["crops_per_s_per_worker"] = result["crops_per_s"] / workers
+    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * bytes_per_value / 1e6
+    result["crops_per_s_per_worker"] = result["crops_per_s"] / max(workers, 1)
     return result
 
 
@@ -161,8 +145,8 @@ def timed_loop(stream, settings):
                          axis_types=(jax.sharding.AxisType.Auto,))
     batches = device.DeviceBatches(stream, NamedSharding(mesh, P("data")))
     # A step that depends on the batch (so its transfer must finish) but computes almost
-    # nothing: what is measured is the loop's own cost, not a model's (on the CPU the
-    # "device" shares the decoding threads' cores).
+    # nothing: the loop's own cost is measured, not a model's (on the CPU the "device"
+    # shares the decoding threads' cores).
     step = jax.jit(lambda total, b: total + b["image"][-1, -1, -1, -1].astype(jnp.int32))
     total = [jnp.zeros((), jnp.int32)]
 
@@ -173,56 +157,36 @@ def timed_loop(stream, settings):
     return timed(batches, settings, process=consume)
 
 
-class _ReferenceDataset:
-    """The original code's folder dataset: every image listed `crops` times."""
-
-    def __init__(self, paths, crops, resize, crop):
-        import torchvision.transforms as T
-
-        self.samples = [p for p in paths for _ in range(crops)]
-        self.transform = T.Compose([
-            T.RandomHorizontalFlip(),
-            T.Resize(tuple(resize)),
-            T.RandomCrop(size=crop),
-            T.ToTensor(),
-            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-        ])
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path = self.samples[index]
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
-        return self.transform(img), float(index)
-
-
 def bench_reference(paths, settings):
+    """The PyTorch original's loader: one sample per crop, each decoding its JPEG."""
     import torch
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.RandomHorizontalFlip(), T.Resize(tuple(settings["resize"])),
+                           T.RandomCrop(size=settings["crop"]), T.ToTensor(),
+                           T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+
+    def load(batch):  # in the loader's worker processes, as a Dataset's __getitem__ would
+        return torch.stack([transform(Image.open(path).convert("RGB")) for path in batch])
 
     torch.manual_seed(0)
-    ds = _ReferenceDataset(paths, settings["crops"], settings["resize"], settings["crop"])
     workers = settings["workers"]
-    loader = torch.utils.data.DataLoader(ds, batch_size=settings["batch_size"], shuffle=True,
-                                         num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        [p for p in paths for _ in range(settings["crops"])], batch_size=settings["batch_size"],
+        shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+        collate_fn=load)
 
     def forever():
         while True:
             yield from loader
 
-    result = timed(forever(), settings)
-    result["crops_per_s_per_worker"] = result["crops_per_s"] / max(workers, 1)
-    crop = settings["crop"]
-    result["mb_per_s_to_device"] = result["crops_per_s"] * crop * crop * 3 * 4 / 1e6
-    return result
+    return with_bytes(timed(forever(), settings), settings, 4, workers)
 
 
 def run(settings) -> dict:
     unknown = set(settings["variants"]) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+        raise ConfigError(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
     with tempfile.TemporaryDirectory() as tmp:
         base = settings["data_dir"] or tmp
         settings = dict(settings, folder=os.path.join(base, "jpegs"),
@@ -239,11 +203,10 @@ def run(settings) -> dict:
             results[variant] = (bench_reference(paths, settings) if variant == "reference"
                                 else bench_grain(variant, settings))
             print(f"  {variant}: {results[variant]['crops_per_s']:.1f} crops/s", flush=True)
-    if "threads" in results:
-        for r in results.values():
+    for r in results.values():
+        if "threads" in results:
             r["vs_threads"] = r["crops_per_s"] / results["threads"]["crops_per_s"]
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-            "command": " ".join(["python -m benchmarks.input_pipeline", *sys.argv[1:]]),
+    return {"environment": throughput.environment(),
             "settings": {k: v for k, v in settings.items() if k not in ("folder", "tfds_dir")},
             "results": results}
 
@@ -258,20 +221,17 @@ def print_table(report):
 
 
 def main(argv):
-    from hyperiqa_jax.errors import ConfigError
-
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    settings = {name: f[name].value for name in (
-        "num_images", "crop", "crops", "batch_size", "min_seconds", "min_batches", "warmup",
-        "workers", "mix_images", "variants", "data_dir")}
+    settings = {name: f[name].value for name in SETTINGS}
     try:
         settings["image_size"] = [int(x) for x in f.image_size]
         settings["resize"] = [int(x) for x in f.resize]
     except ValueError as e:
         raise ConfigError(f"--image_size / --resize take two integers: {e}") from None
     report = run(settings)
+    report["command"] = throughput.command_line("benchmarks.input_pipeline", f)
     print_table(report)
     if f.json:
         with open(f.json, "w") as out:

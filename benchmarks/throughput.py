@@ -5,39 +5,43 @@
     python -m benchmarks.throughput --vs --model tiny --mode eval --batch 8 --json
     python -m benchmarks.throughput --model demo --mode train --repeats 10 --steps_per_call 20
 
-`--vs` runs both frameworks in one process, alternating one timed call of each
-so both see the same machine load, and prints the JAX/torch ratio per pair and
-its median. Warm-up (JAX compilation, first torch call) is timed separately and
-excluded.
+`--vs` runs both frameworks in one process, alternating one timed call of each so
+both see the same machine load, and prints the JAX/torch ratio per pair and its
+median. Warm-up (JAX compilation, first torch call) is timed apart and excluded.
 
-The JAX step is the one training runs: `hyperiqa_jax.state.init_train_state` and
-the jitted `train_step` from `train.compile_steps` (state donated, batch sharded
-over a one-device mesh, uint8 crops normalised inside the step), and for eval
-the jitted `train.eval_step`. The torch step is the same computation on
-weights_conversion.torch_reference.HyperIQAReference: forward with dropout and
-drop path, L1 loss, backward, global-norm clipping at 1.0, AdamW with the
-backbone learning rate and x10 for the rest (hyperiqa_jax.optim.make_optimizer).
-
-A timed call runs `--steps_per_call` steps and then waits for the device once,
-so on a GPU the host's dispatch of step k+1 overlaps step k, as in training;
-the reported time is per step.
+The JAX step is the one training runs: `state.init_train_state` and the jitted
+`train_step` of `train.compile_steps` (state donated, batch sharded over a
+one-device mesh, uint8 crops normalised in the step); for eval, `train.eval_step`.
+The torch step is the same computation on weights_conversion.torch_reference's
+HyperIQAReference: forward with dropout and drop path, L1 loss, backward,
+global-norm clipping at 1.0, AdamW with the backbone's learning rate and x10 for
+the rest (optim.make_optimizer). A timed call runs `--steps_per_call` steps, then
+waits for the device once (on a GPU the dispatch of step k+1 overlaps step k, as
+in training); the reported time is per step.
 """
 
+import datetime
 import json
-import resource
+import os
+import platform
+import shlex
+import subprocess
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 
 from hyperiqa_jax import config_defaults
+from hyperiqa_jax.errors import ConfigError
 
-# "micro": the Swin-T E6 config with a narrow backbone of one block per stage (~0.35 GFLOPs
-# per image), for smoke tests and the GPU check's CPU dry run. "demo": configs/demo.py, the
-# model `make demo` trains (JAX only: the PyTorch reference has no local-energy stem); its
-# train step at batch 8, times the demo's number of steps, is most of the demo's wall time.
-MODELS = ("micro", "tiny", "small", "base", "demo")
+REPO = Path(__file__).resolve().parents[1]
+# "nano": 56x56 crops of a width-8 Swin with one block per stage and small heads (tests).
+# "micro": Swin-T E6 with a narrow one-block-per-stage backbone (~0.35 GFLOPs per image).
+# "demo": configs/demo.py, the model `make demo` trains (JAX only: the PyTorch reference has
+# no local-energy stem); its train step at batch 8 is most of the demo's wall time.
+MODELS = ("nano", "micro", "tiny", "small", "base", "demo")
 MICRO_BACKBONE = {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
 # Backbone overrides that timm's Swin, and so the PyTorch reference, has no counterpart of:
 # the demo's local-energy stem and its missing patch LayerNorm.
@@ -45,10 +49,12 @@ JAX_ONLY_OVERRIDES = ("stem_channels", "patch_norm")
 
 # Dense peak FLOP/s by device kind (vendor figures), for MFU. float32 matmuls run as TF32 on
 # these GPUs by default (jax_default_matmul_precision), and as bf16 passes on TPUs.
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-                   "TPU v6 lite": 918e12}
-FP32_PEAK_FLOPS = {"H100": 494e12, "H200": 494e12, "A100": 156e12, "L4": 60e12,
+# The first key found in the device kind counts (H100 PCIe before H100 SXM).
+BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+FP32_PEAK_FLOPS = {"H100 PCIe": 378e12, "H100": 494e12, "H200": 494e12, "A100": 156e12,
+                   "L4": 60e12,
                    **{k: v for k, v in BF16_PEAK_FLOPS.items() if k.startswith("TPU")}}
 
 
@@ -68,12 +74,19 @@ def jax_only_overrides(model_config) -> list[str]:
 
 def model_config(size: str, dtype: str):
     """The E6 config of `size` (demo: the demo's) with the compute dtype set explicitly."""
-    name = {"micro": "tiny"}.get(size, size)
+    name = {"micro": "tiny", "nano": "tiny"}.get(size, size)
     config = (config_defaults.demo_config() if name == "demo"
               else config_defaults.reference_config(name))
-    config.model.dtype = dtype
+    m = config.model
+    m.dtype = dtype
     if size == "micro":
-        config.model.backbone_overrides.update(MICRO_BACKBONE)
+        m.backbone_overrides.update(MICRO_BACKBONE)
+    if size == "nano":  # stage maps 56/28/14/7, as the heads need; target net 98-14-7-7-7-1
+        m.backbone_overrides.update(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                    patch_size=1, window_size=7)
+        m.img_size = config.data.crop_size = 56
+        m.hyper_feature_widths, m.hyper_in_channels = (16, 16), 16
+        m.target_in_size, m.target_fc_sizes = 98, (14, 7, 7, 7)
     return config
 
 
@@ -97,11 +110,9 @@ class JaxRunner:
         rng = jax.random.PRNGKey(config.seed)
         init_fn = lambda r: state.init_train_state(model, tx, config.data.crop_size, r)
         abstract_state = jax.eval_shape(init_fn, rng)
-        label_stats = (0.0, 1.0)
-        train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, label_stats, mesh,
+        train_fn, eval_fn, shardings = train.compile_steps(model, tx, config, (0.0, 1.0), mesh,
                                                            abstract_state)
         self.state = jax.jit(init_fn, out_shardings=shardings["state"])(rng)
-        self.model, self.tx, self.config, self.label_stats = model, tx, config, label_stats
         self.mode = mode
         n = len(images)
         if mode == "eval":
@@ -140,31 +151,23 @@ class JaxRunner:
             out["peak_mb"] = stats["peak_bytes_in_use"] / 2**20
         return out
 
-    def cost(self, which="compiled") -> dict:
-        """XLA's cost analysis of the compiled step (or of the lowered, unoptimised HLO)."""
+    def flops(self, which="compiled") -> float | None:
+        """XLA's FLOP count of the compiled step (or of the lowered, unoptimised HLO)."""
         cost = (self.compiled if which == "compiled" else self.lowered).cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return dict(cost or {})
-
-    def flops(self) -> float | None:
-        return _float_or_none(self.cost().get("flops"))
-
-
-def _float_or_none(value):
-    return None if value is None else float(value)
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
+        return None if cost.get("flops") is None else float(cost["flops"])
 
 
 class TorchRunner:
     """The same step for weights_conversion.torch_reference.HyperIQAReference.
 
     layout: "nchw" (contiguous), "channels_last", or "auto" (channels-last on a GPU).
-    compile: wrap the model in torch.compile with `compile_backend`.
+    compile: wrap the model in torch.compile.
     """
 
     name = "torch"
 
-    def __init__(self, config, mode, images, scores, *, compile=False, layout="auto",
-                 compile_backend="inductor"):
+    def __init__(self, config, mode, images, scores, *, compile=False, layout="auto"):
         import torch
 
         from weights_conversion.torch_reference import HyperIQAReference
@@ -197,7 +200,7 @@ class TorchRunner:
                 [{"params": backbone, "lr": lr},
                  {"params": rest, "lr": lr * config.train.lr_ratio}], weight_decay=wd)
         if compile:
-            self.model = torch.compile(self.model, backend=compile_backend)
+            self.model = torch.compile(self.model)
 
     def memory(self) -> dict:
         if self.device == "cuda":
@@ -227,7 +230,8 @@ def build(framework, config, mode, batch, **torch_options):
     from hyperiqa_jax.data import normalize
 
     rng = np.random.RandomState(0)
-    crops = rng.randint(0, 256, (batch, 224, 224, 3)).astype(np.uint8)
+    size = config.data.crop_size
+    crops = rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
     scores = rng.uniform(0, 100, batch).astype(np.float32)
     start = time.perf_counter()
     if framework == "jax":  # uint8, normalised in the step as in training
@@ -248,6 +252,48 @@ def timed(runner, steps_per_call: int = 1) -> float:
     return (time.perf_counter() - start) / steps_per_call
 
 
+def command_line(module, flag_values) -> str:
+    """`python -m MODULE` with the flags given on its command line (as a shell would take it)."""
+    given = []
+    for name in flag_values:
+        flag = flag_values[name]
+        if flag.present and flag not in given:
+            given.append(flag)
+    return shlex.join(["python", "-m", module, *(flag.serialize() for flag in given)])
+
+
+def git(*args) -> str | None:
+    """`git ARGS` in this checkout: its output, or None when it fails."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def environment() -> dict:
+    """The machine, package versions, commit and date a result was measured with."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "numpy", "pillow", "grain", "torch", "timm"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    info = Path("/proc/cpuinfo").read_text() if os.path.isfile("/proc/cpuinfo") else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines()
+             if line.startswith("model name")]  # Linux: the CPU's model
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count(),
+            "cpu": (names or [platform.processor() or platform.machine()])[0],
+            "cpu_count": os.cpu_count(), "system": platform.platform(),
+            "versions": versions, "commit": git("rev-parse", "HEAD"),
+            "tree_dirty": None if dirty is None else bool(dirty),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def define_flags(flag_values=None):
     """The command's flags (absl), on `flag_values` (default: the global FLAGS)."""
     fv = dict(flag_values=flag_values) if flag_values is not None else {}
@@ -257,10 +303,11 @@ def define_flags(flag_values=None):
                       "JAX/torch ratio per pair and their median.", **fv)
     flags.DEFINE_enum("model", "tiny", list(MODELS), "Swin-T, Swin-S or Swin-B backbone in the "
                       "E6 model (micro: a narrow one-block-per-stage Swin-T, for smoke tests; "
-                      "demo: configs/demo.py, JAX only).", **fv)
+                      "nano: a tiny model on 56x56 crops, for tests; demo: configs/demo.py, "
+                      "JAX only).", **fv)
     flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: forward only; train: forward, "
                       "backward and AdamW update.", **fv)
-    flags.DEFINE_integer("batch", 8, "Images (224x224) per call.", **fv)
+    flags.DEFINE_integer("batch", 8, "Images per call (224x224; nano: 56x56).", **fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                       "Compute dtype (torch: autocast to it).", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed calls per framework.", **fv)
@@ -275,6 +322,44 @@ def define_flags(flag_values=None):
     flags.DEFINE_bool("json", False, "Print one JSON object instead.", **fv)
 
 
+def measure(model, mode, batch, dtype="float32", frameworks=("jax",), *, repeats=5,
+            steps_per_call=1, torch_options=None, peak=None) -> dict:
+    """Builds one runner per framework, times them alternately; the result --json prints."""
+    config = model_config(model, dtype)
+    unsupported = jax_only_overrides(config.model)
+    if unsupported and "torch" in frameworks:
+        raise ConfigError(f"the PyTorch reference has no counterpart of the backbone overrides "
+                          f"{unsupported}: time --model {model} with --framework jax")
+    runners, warmup = {}, {}
+    for name in frameworks:
+        runners[name], warmup[name] = build(name, config, mode, batch,
+                                            **((torch_options or {}) if name == "torch" else {}))
+    times = {name: [] for name in frameworks}
+    for _ in range(repeats):
+        for name in frameworks:
+            times[name].append(timed(runners[name], steps_per_call))
+
+    device = str(jax.devices()[0].device_kind)
+    result = {"model": model, "mode": mode, "batch": batch, "dtype": dtype,
+              "steps_per_call": steps_per_call, "device": device, "frameworks": {}}
+    for name, runner in runners.items():
+        median = float(np.median(times[name]))
+        entry = {"images_per_s": batch / median, "median_s": median, "warmup_s": warmup[name],
+                 "times_s": times[name], **runner.memory()}
+        if name == "jax":
+            flops, peak = runner.flops(), peak or peak_flops(device, dtype)
+            entry.update(flops_per_step=flops, peak_flops=peak,
+                         flops_lowered=runner.flops("lowered"),
+                         mfu=flops / median / peak if flops and peak else None)
+        else:
+            entry.update(layout=runner.layout, compiled=bool((torch_options or {}).get("compile")))
+        result["frameworks"][name] = entry
+    if len(frameworks) == 2:
+        result["ratios"] = [t / j for j, t in zip(times["jax"], times["torch"])]
+        result["median_ratio"] = float(np.median(result["ratios"]))
+    return result
+
+
 def main(argv, flag_values=None) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -282,51 +367,10 @@ def main(argv, flag_values=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    config = model_config(args.model, args.dtype)
-    frameworks = ("jax", "torch") if args.vs else (args.framework,)
-    unsupported = jax_only_overrides(config.model)
-    if unsupported and "torch" in frameworks:
-        raise app.UsageError(f"the PyTorch reference has no counterpart of the backbone "
-                             f"overrides {unsupported}: time --model {args.model} with "
-                             f"--framework jax")
-    torch_options = {"compile": args.torch_compile, "layout": args.torch_layout}
-    runners, warmup = {}, {}
-    for name in frameworks:
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        runners[name], warmup[name] = build(name, config, args.mode, args.batch,
-                                            **(torch_options if name == "torch" else {}))
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        runners[name].rss_growth_mb = (rss_after - rss_before) / 1024
-
-    times = {name: [] for name in frameworks}
-    for _ in range(args.repeats):
-        for name in frameworks:
-            times[name].append(timed(runners[name], args.steps_per_call))
-
-    result = {"model": args.model, "mode": args.mode, "batch": args.batch, "dtype": args.dtype,
-              "steps_per_call": args.steps_per_call,
-              "device": str(jax.devices()[0].device_kind), "frameworks": {}}
-    for name in frameworks:
-        median = float(np.median(times[name]))
-        entry = {"images_per_s": args.batch / median, "median_s": median,
-                 "warmup_s": warmup[name], "times_s": times[name],
-                 "rss_growth_mb": runners[name].rss_growth_mb, **runners[name].memory()}
-        if name == "jax":
-            flops = runners[name].flops()
-            peak = args.peak_flops or peak_flops(result["device"], args.dtype)
-            entry["flops_per_step"] = flops
-            entry["flops_lowered"] = _float_or_none(runners[name].cost("lowered").get("flops"))
-            entry["peak_flops"] = peak
-            entry["mfu"] = flops / median / peak if flops and peak else None
-        else:
-            entry["layout"] = runners[name].layout
-            entry["compiled"] = bool(args.torch_compile)
-        result["frameworks"][name] = entry
-    if args.vs:
-        ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
-        result["ratios"] = ratios
-        result["median_ratio"] = float(np.median(ratios))
-
+    result = measure(args.model, args.mode, args.batch, args.dtype,
+                     ("jax", "torch") if args.vs else (args.framework,), repeats=args.repeats,
+                     steps_per_call=args.steps_per_call, peak=args.peak_flops or None,
+                     torch_options={"compile": args.torch_compile, "layout": args.torch_layout})
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

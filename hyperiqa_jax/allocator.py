@@ -2,7 +2,7 @@
 
 glibc's malloc hands JAX's large temporary buffers back to the OS after every
 step and page-faults them in again on the next one; a thread-caching allocator
-keeps them (docs/benchmarks.md, "Allocator", has the measured effect).
+keeps them (docs/benchmarks.md, "The allocator", has the measured effect).
 
 An allocator has to be in LD_PRELOAD when the process starts, so a command
 re-executes itself once, before it imports anything heavy, with
@@ -36,7 +36,8 @@ ALLOCATORS = ("mimalloc", "tcmalloc", "jemalloc")
 LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
 # The commands that run JAX on the host for long enough for the allocator to matter.
 COMMANDS = ("hyperiqa_jax.train", "hyperiqa_jax.demo", "hyperiqa_jax.evaluate",
-            "hyperiqa_jax.predict", "benchmarks.throughput", "benchmarks.scoring")
+            "hyperiqa_jax.predict", "hyperiqa_jax.study", "benchmarks.throughput",
+            "benchmarks.scoring")
 # Set for the re-executed process only: its pid, and the variables to restore.
 _REEXECUTED = "_HYPERIQA_ALLOCATOR_PID"
 _SAVED = "_HYPERIQA_ALLOCATOR_SAVED"

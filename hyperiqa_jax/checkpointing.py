@@ -14,16 +14,27 @@ statistics and the metrics at that step, so a checkpoint is self-describing.
 
 Restores go into abstract targets (`jax.ShapeDtypeStruct` with a sharding), so
 a checkpoint written on N devices loads onto M.
+
+Scoring, evaluation and export restore through one call,
+`load_for_inference(path)`: whatever the user points at (a workdir, best/,
+checkpoints/ or one step folder) -> the run's config, its model and the model
+variables {params[, batch_stats]}, with a one-line UserError for each way that
+can fail.
 """
 
+import dataclasses
+import os
 from pathlib import Path
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from hyperiqa_jax import config_defaults
+from hyperiqa_jax import config_defaults, models, state
+from hyperiqa_jax.errors import UserError
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -62,6 +73,15 @@ class Checkpointer:
         self.best.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(inference_state),
             meta=ocp.args.JsonSave(meta)), force=True)
+
+    def has_data_position(self, step):
+        """Whether `step` saved the data iterator for this process layout.
+
+        Grain saves one iterator state per process; a checkpoint written by another
+        process count has none for this one.
+        """
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.latest.directory / str(step) / "data_iter" / name).exists()
 
     def restore(self, step, abstract_state, data_iter=None):
         """Restores `state` (into `abstract_state`'s shardings) and the data iterator."""
@@ -167,3 +187,148 @@ def config_from_meta(meta):
         else:
             config[section] = values
     return ml_collections.ConfigDict(config)
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceCheckpoint:
+    """What scoring needs of a checkpoint: its config, model, variables and meta."""
+
+    config: ml_collections.ConfigDict
+    model: models.HyperIQA
+    variables: dict          # {params[, batch_stats]}
+    meta: dict               # the checkpoint's JSON meta item
+    directory: Path          # the manager folder (best/ or checkpoints/)
+    step: int
+
+    @property
+    def source(self) -> str:
+        """'<manager folder>/<step>': names the checkpoint in outputs and logs."""
+        return f"{self.directory}/{self.step}"
+
+    @property
+    def label_stats(self) -> tuple[float, float]:
+        """(mean, std) that turn the model's output into label units."""
+        return tuple(float(x) for x in self.meta.get("label_mean_std", (0.0, 1.0)))
+
+    @property
+    def workdir(self) -> Path | None:
+        """The training workdir holding this checkpoint, if it sits in one."""
+        if self.directory.name in (BEST_DIR, LATEST_DIR):
+            return self.directory.parent
+        return None
+
+
+def resolve_checkpoint(path):
+    """`find_checkpoint`, saying what --checkpoint takes when `path` does not exist."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint path {os.path.abspath(path)} does not exist; --checkpoint "
+                        "takes a training workdir (e.g. runs/demo, which `make demo` writes), "
+                        "its best/ or checkpoints/ folder, or one step folder")
+    return find_checkpoint(path)
+
+
+def load_for_inference(path, sharding=None) -> InferenceCheckpoint:
+    """Restores what scoring needs from a workdir (best, else latest), best/, checkpoints/
+    or a step folder.
+
+    Reads the meta item, rebuilds the run's config and model, and restores only the
+    model variables (a train state's optimiser state stays on disk) onto `sharding`
+    (default: the first local device). Raises a one-line UserError when the path
+    holds no checkpoint, its meta is unreadable or holds no training config, or its
+    parameters do not fit the model its config describes.
+    """
+    manager_dir, step = resolve_checkpoint(path)
+    where = f"checkpoint {manager_dir}/{step}"
+    try:
+        meta = read_meta(manager_dir, step)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: its meta item cannot be read ({_first_line(e)}); point "
+                        "--checkpoint at a run written by hyperiqa_jax.train") from e
+    if not {"model", "data", "train"} <= set(meta.get("config") or {}):
+        raise UserError(f"{where}: its meta item holds no training config; point "
+                        "--checkpoint at a run written by hyperiqa_jax.train")
+    config = config_from_meta(meta)
+    model = models.build_model(config.model)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = with_shardings(state.abstract_inference_variables(model, config.data.crop_size),
+                            sharding)
+    try:
+        variables = restore_variables(manager_dir, step, target)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{where}: its parameters cannot be restored into the model its "
+                        f"config describes ({_first_line(e)}); was it written by another "
+                        "version of this code, or only partly?") from e
+    return InferenceCheckpoint(config=config, model=model, variables=variables, meta=meta,
+                               directory=manager_dir, step=step)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------- checkpoint fit
+# Whether a checkpoint's arrays fit a target tree, read from Orbax's metadata alone
+# (shapes and dtypes, no array data), so that a mismatch is named before a restore fails.
+
+
+def key_path_name(path):
+    """'params/backbone/patch_embed/proj/kernel' for a jax key path (dict keys, indices, fields)."""
+    def name(key):
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return "/".join(name(k) for k in path)
+
+
+def array_specs(tree):
+    """{path name: (shape, dtype name)} of a tree of arrays, ShapeDtypeStructs or Orbax metadata."""
+    return {key_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def saved_array_specs(manager_dir, step, item="state"):
+    """`array_specs` of one checkpoint's `item`, from its metadata (raises if it cannot be read)."""
+    directory = epath.Path(str(manager_dir)) / str(step) / item
+    return array_specs(ocp.StandardCheckpointHandler().metadata(directory))
+
+
+def _spec_text(spec):
+    shape, dtype = spec
+    return f"{dtype}[{','.join(str(s) for s in shape)}]"
+
+
+def spec_differences(saved, expected):
+    """Readable differences between a checkpoint's array specs and the expected ones.
+
+    Model parameters come first; when any of them differ, the optimiser state's
+    copies of the same differences are left out.
+    """
+    lines = []
+    for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p)):
+        if path not in expected:
+            lines.append((path, f"{path}: {_spec_text(saved[path])} in the checkpoint, absent "
+                                "here"))
+        elif path not in saved:
+            lines.append((path, f"{path}: {_spec_text(expected[path])} here, absent in the "
+                                "checkpoint"))
+        elif saved[path] != expected[path]:
+            lines.append((path, f"{path}: {_spec_text(saved[path])} in the checkpoint, "
+                                f"{_spec_text(expected[path])} here"))
+    in_params = [text for path, text in lines if path.startswith("params/")]
+    return in_params or [text for _, text in lines]
+
+
+def restore_latest_meta(checkpointer, step):
+    """The `meta` item (JSON: config, label statistics) of a Checkpointer's resumable `step`."""
+    return checkpointer.latest.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+
+
+def meta_file(manager_dir, step):
+    """The JSON file that holds one checkpoint's `meta` item (config, label statistics)."""
+    return epath.Path(str(manager_dir)) / str(step) / "meta" / "metadata"

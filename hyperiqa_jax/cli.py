@@ -132,10 +132,13 @@ def call(main, argv=(), *, define_flags, expected=()):
     """
     from absl import app, flags
 
+    from hyperiqa_jax.logs import quiet_library_logs
+
     try:
         flag_values, remaining = parse(define_flags, argv)
     except flags.Error as error:
         return report(UserError(f"{error} (see --help)"))
+    quiet_library_logs()
     try:
         status = guarded(main, expected)(remaining, flag_values)
     except app.UsageError as error:

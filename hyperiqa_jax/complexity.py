@@ -1,11 +1,11 @@
-"""Parameters and FLOPs of a config's model, next to the seed's reported figures.
+"""Parameters and FLOPs of a config's model, next to the PyTorch original's reported figures.
 
     python -m hyperiqa_jax.complexity --config configs/base.py
     python -m hyperiqa_jax.complexity --config configs/tiny.py --config configs/small.py
 
 FLOPs come from XLA's cost analysis of the compiled eval forward pass for one
 224x224 image (XLA counts a multiply-add as 2 FLOPs; MACs = FLOPs / 2, which is
-the unit of the seed's "GFLOPs").
+the unit of the PyTorch original's "GFLOPs").
 """
 
 import jax
@@ -16,8 +16,8 @@ from absl import app, flags
 from hyperiqa_jax import cli, config_checks
 from hyperiqa_jax.models import build_model
 
-# The seed's reported figures: (params in millions, GMACs), None where not reported.
-SEED_FIGURES = {
+# The PyTorch original's reported figures: (params in millions, GMACs), None where not reported.
+REFERENCE_FIGURES = {
     "swin_base_patch4_window7_224/channel": (88.5, 15.3),
     "swin_small_patch4_window7_224/channel": (50.8, 8.7),
     "swin_tiny_patch4_window7_224/channel": (29.5, 4.5),
@@ -44,19 +44,19 @@ def complexity(model_config, batch: int = 1) -> dict:
             "flops": flops, "macs": flops / 2}
 
 
-def seed_figures(model_config):
+def reference_figures(model_config):
     key = f"{model_config.backbone}/{model_config.attention}"
     if model_config.get("multi_scale", True) is False:
         key += "/single"
-    return SEED_FIGURES.get(key)
+    return REFERENCE_FIGURES.get(key)
 
 
 def format_row(name: str, model_config, result: dict) -> str:
-    seed = seed_figures(model_config)
-    seed_text = f"{seed[0]:.1f}M / {seed[1]:.1f}G" if seed else "-"
+    reference = reference_figures(model_config)
+    reference_text = (f"{reference[0]:.1f}M / {reference[1]:.1f}G" if reference else "-")
     return (f"| {name} | {model_config.backbone} | {model_config.attention} | "
             f"{'yes' if model_config.multi_scale else 'no'} | {result['params'] / 1e6:.2f}M | "
-            f"{result['flops'] / 1e9:.2f} | {result['macs'] / 1e9:.2f} | {seed_text} |")
+            f"{result['flops'] / 1e9:.2f} | {result['macs'] / 1e9:.2f} | {reference_text} |")
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -71,7 +71,7 @@ def main(argv, flag_values=flags.FLAGS) -> int:
     if not flag_values.config:
         raise app.UsageError("give at least one --config, e.g. --config configs/base.py")
     print("| config | backbone | attention | multi-scale | params | GFLOPs (XLA) | GMACs "
-          "| seed params / GMACs |")
+          "| original params / GMACs |")
     print("|---|---|---|---|---|---|---|---|")
     for path in flag_values.config:
         config = config_checks.load_config_file(path)

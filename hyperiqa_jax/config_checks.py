@@ -77,7 +77,7 @@ AT_LEAST_ZERO = ("train.max_steps", "train.eval_every_steps", "train.eval_every_
 AT_LEAST_MINUS_ONE = ("data.worker_processes",)
 CHOICES = {"train.loss": ("l1", "smooth_l1"),
            "train.schedule": ("cosine_epoch", "warmup_cosine", "constant"),
-           "data.eval_protocol": ("random", "center", "grid")}
+           "data.eval_protocol": data.PROTOCOLS}
 WHY = {"data.crop_step": " (1: crop corners anywhere; 8: on JPEG's 8x8 block grid)",
        "train.eval_batch_size": " (0: the same as train.batch_size)",
        "train.max_steps": " (0: train.epochs decides)"}
@@ -132,6 +132,11 @@ def _check_values(config):
     if config.model.backbone in SWIN_CONFIGS and overrides - fields:
         raise ConfigError(f"model.backbone_overrides has unknown Swin field(s) "
                           f"{sorted(overrides - fields)}; known: {', '.join(sorted(fields))}")
+    swin = dict(config.model.get("backbone_overrides") or {})
+    stride, patch = swin.get("stem_stride", 1), swin.get("patch_size", SwinTransformer.patch_size)
+    if not (isinstance(stride, int) and stride >= 1 and patch % stride == 0):
+        raise ConfigError(f"model.backbone_overrides.stem_stride={stride!r} must be a whole "
+                          f"number that divides the patch size ({patch})")
     try:  # the resize against the crop (the data module's own check)
         data.target_size(config.data.crop_size, config.data.crop_size, config.data.resize,
                          config.data.crop_size)

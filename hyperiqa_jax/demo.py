@@ -22,7 +22,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hyperiqa_jax import config_defaults
-from hyperiqa_jax.logs import quiet_library_logs
 
 
 def define_flags():
@@ -99,7 +98,6 @@ def distortion_srcc(root, predictions_csv):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from hyperiqa_jax import train

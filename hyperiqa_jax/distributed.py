@@ -9,11 +9,22 @@ wins:
    defines them with `define_flags`, as hyperiqa_jax.train does), else the
    environment variables JAX_COORDINATOR_ADDRESS (host:port of process 0),
    JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/local_cluster.sh sets these);
+   a process count or id given this way needs all three;
 2. SLURM: an `srun` step with more than one task (SLURM_NTASKS, SLURM_PROCID,
    SLURM_LOCALID, SLURM_STEP_NODELIST); the coordinator is the first node;
 3. TPU: a Cloud TPU VM (libtpu installed or TPU_* variables set) ->
    `jax.distributed.initialize()` asks the TPU metadata for the pod layout;
 4. otherwise one process: nothing to start.
+
+JAX's own variables are honoured: JAX_COORDINATOR_ADDRESS alone (or
+JAX_COORDINATOR_PORT) replaces the coordinator that SLURM or the TPU metadata
+would give, JAX_LOCAL_DEVICE_IDS the devices this process drives;
+JAX_COORDINATOR_BIND_ADDRESS reaches JAX unchanged. Under SLURM and with
+explicit settings JAX's own cluster detection is switched off, so the devices
+chosen here (`Plan.local_device_ids`, None = every device the process sees) are
+the ones JAX uses: its detection would restrict each process to GPU
+SLURM_LOCALID, which does not exist where SLURM already gave each task its own
+GPU, and leaves 7 of 8 idle with one process per node.
 
 A second call returns at once (it is safe in tests and in library code that
 cannot know whether its caller already started the cluster).
@@ -27,6 +38,8 @@ import sys
 
 import jax
 from absl import flags
+
+from hyperiqa_jax.errors import UserError
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -67,25 +80,75 @@ def _int(value, name):
 
 
 def slurm_coordinator(env):
-    """First host of the step's node list, port derived from the job id (as JAX does)."""
+    """First host of the step's node list, port derived from the job id (as JAX does), or
+    JAX_COORDINATOR_PORT."""
     nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
     # 'node001', 'node001,node002', 'node[001-004,007],other' -> 'node001'.
     first = nodes.split(",")[0]
     if "[" in first:
         prefix, _, rest = nodes.partition("[")
         first = prefix + re.split(r"[,\-\]]", rest)[0]
-    port = int(env.get("SLURM_JOB_ID", "0")) % 4096 + 61440  # the ephemeral range's top 4096
+    port = _int(env.get("JAX_COORDINATOR_PORT"), "JAX_COORDINATOR_PORT")
+    if port is None:
+        port = int(env.get("SLURM_JOB_ID", "0")) % 4096 + 61440  # the ephemeral range's top
     return f"{first}:{port}"
 
 
-def _slurm_local_devices(env):
-    """One process per GPU: this task's GPU, unless SLURM already hid the others."""
-    tasks = int(env["SLURM_NTASKS"])
-    nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
-    visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    if tasks // max(nodes, 1) <= 1 or (visible and "," not in visible):
-        return None  # one process per node (all its GPUs), or --gpus-per-task=1
-    return (int(env["SLURM_LOCALID"]),)
+def _tasks_on_this_node(env):
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE ('8(x2),4': 8 on each
+    of the first two nodes, 4 on the third) at SLURM_NODEID, else tasks / nodes."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node = _int(env.get("SLURM_NODEID"), "SLURM_NODEID")
+    if spec and node is not None:
+        counts = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if not m:
+                break
+            counts += [int(m[1])] * int(m[2] or 1)
+        else:
+            if node < len(counts):
+                return counts[node]
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+                or env.get("SLURM_JOB_NUM_NODES") or 1)
+    return max(1, int(env["SLURM_NTASKS"]) // max(nodes, 1))
+
+
+def slurm_local_devices(env):
+    """The GPUs (indices among those this process sees) one SLURM task drives, or None
+    for all of them.
+
+    - one task on this node (`--ntasks-per-node=1`): all its GPUs (None);
+    - SLURM bound fewer GPUs to the task than there are tasks on the node
+      (`--gpus-per-task=1`: CUDA_VISIBLE_DEVICES is one GPU): all of those (None);
+    - every task sees all G GPUs of the node (`--gpus-per-node=G` with T tasks):
+      task SLURM_LOCALID takes its own G / T of them;
+    - CUDA_VISIBLE_DEVICES unset with several tasks: one GPU each, index SLURM_LOCALID.
+    """
+    tasks = _tasks_on_this_node(env)
+    if tasks <= 1:
+        return None
+    local = int(env["SLURM_LOCALID"])
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return (local,)
+    if len(visible) < tasks:
+        return None
+    if len(visible) % tasks:
+        raise ValueError(
+            f"{tasks} SLURM tasks on this node share its {len(visible)} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}), which do not divide "
+            "evenly: ask for --gpus-per-task=N (or one task per node)")
+    share = len(visible) // tasks
+    return tuple(range(local * share, (local + 1) * share))
+
+
+def _device_ids(value, name):
+    """'0,1' (JAX_LOCAL_DEVICE_IDS) -> (0, 1)."""
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {value!r}") from None
 
 
 def on_tpu_vm(env):
@@ -98,6 +161,13 @@ def plan(coordinator_address=None, num_processes=None, process_id=None, local_de
     """Decides how to start (pure: arguments and `env` in, a Plan out)."""
     env = os.environ if env is None else env
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if coordinator_address and ":" not in coordinator_address and \
+            env.get("JAX_COORDINATOR_PORT"):
+        port = _int(env["JAX_COORDINATOR_PORT"], "JAX_COORDINATOR_PORT")
+        coordinator_address = f"{coordinator_address}:{port}"
+    if coordinator_address and ":" not in coordinator_address:
+        raise ValueError(f"the coordinator address {coordinator_address!r} has no port: give "
+                         "host:port (or set JAX_COORDINATOR_PORT)")
     if num_processes is None:
         num_processes = _int(env.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
     if process_id is None:
@@ -106,32 +176,42 @@ def plan(coordinator_address=None, num_processes=None, process_id=None, local_de
         local_device_ids = (local_device_ids,)
     elif local_device_ids is not None:
         local_device_ids = tuple(local_device_ids)
+    elif env.get("JAX_LOCAL_DEVICE_IDS"):
+        local_device_ids = _device_ids(env["JAX_LOCAL_DEVICE_IDS"], "JAX_LOCAL_DEVICE_IDS")
 
-    if coordinator_address or num_processes is not None or process_id is not None:
-        if num_processes == 1:
-            return Plan("single")
-        missing = [name for name, v in (("coordinator address", coordinator_address),
-                                        ("process count", num_processes),
-                                        ("process id", process_id)) if v is None]
-        if missing:
-            raise ValueError(
-                f"multi-process start-up needs the coordinator address, the process count and "
-                f"this process's id; missing: {', '.join(missing)} (flags --coordinator_address "
-                "--num_processes --process_id or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-                "JAX_PROCESS_ID)")
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"process id {process_id} not in [0, {num_processes})")
-        return Plan("explicit", coordinator_address, num_processes, process_id, local_device_ids)
+    if num_processes == 1:
+        return Plan("single")
+    if num_processes is not None or process_id is not None:
+        return _explicit(coordinator_address, num_processes, process_id, local_device_ids)
 
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
-        return Plan("slurm", slurm_coordinator(env), int(env["SLURM_NTASKS"]),
-                    int(env["SLURM_PROCID"]),
+        return Plan("slurm", coordinator_address or slurm_coordinator(env),
+                    int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]),
                     local_device_ids if local_device_ids is not None
-                    else _slurm_local_devices(env))
+                    else slurm_local_devices(env))
 
     if on_tpu_vm(env):
-        return Plan("tpu")
+        # JAX reads the rest (and JAX_COORDINATOR_PORT) from the TPU metadata.
+        return Plan("tpu", coordinator_address)
+    if coordinator_address:
+        return _explicit(coordinator_address, num_processes, process_id, local_device_ids)
     return Plan("single")
+
+
+def _explicit(coordinator_address, num_processes, process_id, local_device_ids):
+    missing = [name for name, v in (("coordinator address", coordinator_address),
+                                    ("process count", num_processes),
+                                    ("process id", process_id)) if v is None]
+    if missing:
+        raise ValueError(
+            f"multi-process start-up needs the coordinator address, the process count and "
+            f"this process's id; missing: {', '.join(missing)} (flags --coordinator_address "
+            "--num_processes --process_id or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+            "JAX_PROCESS_ID; inside a SLURM step or on a Cloud TPU VM the count and the id "
+            "are detected: give none of them, or all three)")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} not in [0, {num_processes})")
+    return Plan("explicit", coordinator_address, num_processes, process_id, local_device_ids)
 
 
 def _flag(flag_values, name):
@@ -161,7 +241,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     timeout = _int(os.environ.get("JAX_INITIALIZATION_TIMEOUT"), "JAX_INITIALIZATION_TIMEOUT")
     timeout = timeout or initialization_timeout
     if p.kind == "tpu":
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(coordinator_address=p.coordinator_address,
+                                   initialization_timeout=timeout)
     elif p.kind in ("explicit", "slurm"):
         # XLA aborts the process (no Python exception) when peers do not all arrive in
         # time, so say beforehand what this process waits for.
@@ -173,6 +254,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
                 coordinator_address=p.coordinator_address, num_processes=p.num_processes,
                 process_id=p.process_id,
                 local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
+                cluster_detection_method="deactivate",  # the choice above, unchanged
                 initialization_timeout=timeout)
         except Exception as e:  # XLA's errors say "DEADLINE_EXCEEDED"; say what it means.
             raise RuntimeError(
@@ -184,9 +266,41 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     return info
 
 
+_CUDA_HINT = ("is a GPU visible (nvidia-smi) and is the CUDA build of jax installed "
+              "(launch/setup_gpu.sh installs jax[cuda12] pinned to constraints.txt)?")
+PLATFORM_HINTS = {
+    "cuda": _CUDA_HINT,
+    "gpu": _CUDA_HINT,
+    "tpu": "is jax[tpu] installed, and does another process hold the TPU (`sudo lsof -w "
+           "/dev/accel* /dev/vfio/*`; launch/tpu_pod.sh stops such processes and removes "
+           "/tmp/libtpu_lockfile before a run)?",
+}
+
+
+def local_devices(env=None):
+    """jax.local_devices(), starting JAX's backend if needed.
+
+    A platform that JAX_PLATFORMS names (the GPU and TPU launchers set it) and JAX
+    cannot start is a UserError with one line, instead of JAX's traceback; without
+    JAX_PLATFORMS, JAX itself falls back to the CPU with a warning.
+    """
+    env = os.environ if env is None else env
+    try:
+        return jax.local_devices()
+    except (RuntimeError, AssertionError) as e:  # no device of the named kind: AssertionError
+        platforms = env.get("JAX_PLATFORMS", "")
+        if not platforms:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else f"no {platforms} device found"
+        hint = next((PLATFORM_HINTS[p] for p in platforms.split(",") if p in PLATFORM_HINTS),
+                    "")
+        raise UserError(f"JAX_PLATFORMS={platforms}, but JAX could not start it ({reason}); "
+                        f"nothing runs on the CPU instead. {hint}".rstrip()) from e
+
+
 def topology(kind=None):
     """This process's view of the job (a plain dict, for logs and tests)."""
-    local = jax.local_devices()
+    local = local_devices()
     return {"kind": kind, "process_index": jax.process_index(),
             "process_count": jax.process_count(), "local_device_count": len(local),
             "device_count": jax.device_count(), "platform": local[0].platform,

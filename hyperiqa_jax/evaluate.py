@@ -8,9 +8,12 @@ r"""Evaluates a checkpoint on one or more data sets (zero-shot cross-data-set ta
 livec, manifest, demo; SPLIT defaults to `all` (every image: zero-shot). Writes
 `results.md` and `results.json` (SRCC / PLCC / KRCC / RMSE / PLCC after the
 logistic fit, per data set), `predictions_<data>_<split>.csv` (path, MOS and
-prediction per image), and figures: predicted vs MOS scatter per data
-set, attention weights by quality bin, and the training curves of the run's
-`metrics.jsonl` when the checkpoint sits in a training workdir.
+prediction per image), for a model with attention `attention_<data>_<split>.csv`
+(each image's mean attention weight per backbone stage), and figures: predicted
+vs MOS scatter per data set, per-stage attention by quality bin, and the
+training curves of the run's `metrics.jsonl` when the checkpoint sits in a
+training workdir. `--seed` picks the random split (random:test) as training's
+config.seed did.
 """
 
 import csv
@@ -24,15 +27,22 @@ import numpy as np
 from absl import app, flags
 
 from hyperiqa_jax import metrics
+from hyperiqa_jax.data.image import PROTOCOLS
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import quiet_library_logs
+from hyperiqa_jax.study_report import (
+    quality_bins,
+    stage_attention,
+    stage_channels,
+    stage_labels,
+    write_stage_attention,
+)
 
 
 def define_flags():
     """Command-line flags (defined only when run as a program)."""
     flags.DEFINE_string("checkpoint", None, "Training workdir, best/ or a step folder.")
     flags.DEFINE_multi_string("data", [], "NAME[:SPLIT]=ROOT, repeatable.")
-    flags.DEFINE_enum("protocol", None, ["random", "center", "grid"],
+    flags.DEFINE_enum("protocol", None, list(PROTOCOLS),
                       "Crop protocol (default: the run's data.eval_protocol).")
     flags.DEFINE_integer("num_crops", None, "Crops per image (default: the run's "
                          "data.test_crops).")
@@ -41,6 +51,8 @@ def define_flags():
                          "the training-time evaluation's).")
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval or ./eval).")
     flags.DEFINE_integer("quality_bins", 5, "MOS quantile bins for the attention figure.")
+    flags.DEFINE_integer("seed", 0, "Seed of random splits (random:test): the run's "
+                         "config.seed gives its own test split.")
 
 
 COLUMNS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
@@ -62,6 +74,11 @@ def parse_data_arg(arg):
         raise ConfigError(f"--data {arg!r}: unknown data set {name!r}; {hint}"
                           f"NAME is one of {', '.join(DATASETS)}")
     return name, (split.strip() or "all"), root
+
+
+def output_tag(name, split):
+    """The <data>_<split> of the output file names."""
+    return f"{name}_{split}".replace(":", "_").replace("/", "_")
 
 
 def evaluate_dataset(model, name, split, root, *, seed=0):
@@ -143,70 +160,73 @@ def plot_scatter(pred, mos, result, path):
     plt.close(fig)
 
 
-def plot_attention_by_bin(att, mos, name, path, bins=5):
-    """Mean attention weights of the images in each MOS quantile bin."""
+def plot_attention_by_bin(stages, mos, name, path, bins=5):
+    """Mean per-stage attention ([N, stages]) of the images in each MOS quantile bin."""
     plt = _pyplot()
-    edges = np.quantile(mos, np.linspace(0, 1, bins + 1))
-    which = np.clip(np.searchsorted(edges, mos, side="right") - 1, 0, bins - 1)
-    means = np.stack([att[which == b].mean(0) if np.any(which == b) else np.full(att.shape[1],
-                                                                                  np.nan)
-                      for b in range(bins)])
-    labels = [f"{edges[b]:.0f}-{edges[b + 1]:.0f}" for b in range(bins)]
+    which, labels = quality_bins(mos, bins)
+    means = np.stack([stages[which == b].mean(0) if np.any(which == b) else
+                      np.full(stages.shape[1], np.nan) for b in range(bins)])
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    if att.shape[1] <= 8:  # scale attention: one weight per stage
-        width = 0.8 / att.shape[1]
-        for k in range(att.shape[1]):
-            ax.bar(np.arange(bins) + k * width, means[:, k], width, label=f"stage {k}")
-        ax.set_xticks(np.arange(bins) + 0.4 - width / 2, labels)
-        ax.legend(fontsize=8)
-        ax.set_ylabel("mean attention weight")
-    else:  # channel attention: a heat map of bins x channels
-        im = ax.imshow(means, aspect="auto", interpolation="nearest", cmap="viridis")
-        ax.set_yticks(range(bins), labels)
-        ax.set_xlabel("fused channel")
-        fig.colorbar(im, ax=ax, label="mean weight")
-    ax.set_title(f"{name}: attention by MOS bin", fontsize=9)
+    width = 0.8 / stages.shape[1]
+    for k, label in enumerate(stage_labels(stages.shape[1])):
+        ax.bar(np.arange(bins) + k * width, means[:, k], width, label=label)
+    ax.set_xticks(np.arange(bins) + 0.4 - width / 2, labels)
+    ax.legend(fontsize=8)
+    ax.set_ylabel("mean attention weight")
+    ax.set_title(f"{name}: attention per backbone stage by MOS bin", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def training_curves_figure(rows):
+    """The training loss and the test correlations by step, one panel each that has rows.
+
+    rows: metrics.jsonl's records. None when there is neither a loss nor a test row.
+    """
+    train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
+    test = {key: [(r["step"], r[key]) for r in rows
+                  if r["split"] == "test" and r.get(key) is not None]
+            for key in ("srcc", "plcc")}
+    panels = [name for name, present in (("loss", train), ("test", any(test.values())))
+              if present]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xlabel("step")
+        if panel == "loss":
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+            ax.set_ylabel("training loss")
+        else:
+            for key, points in test.items():
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=key.upper())
+            ax.set_ylabel("test correlation")
+            ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def plot_training_curves(metrics_path, path):
+    """Writes `training_curves_figure` of a metrics.jsonl to `path`; False when it is empty."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
-    test = [r for r in rows if r["split"] == "test"]
-    if not train and not test:
+    fig = training_curves_figure(rows)
+    if fig is None:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    if train:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("training loss")
-    for key in ("srcc", "plcc"):
-        pts = [(r["step"], r[key]) for r in test if r.get(key) is not None]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=key.upper())
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("test correlation")
-    if test:
-        axes[1].legend()
-    else:
-        axes[1].text(0.5, 0.5, "no evaluation during training", ha="center", va="center",
-                     transform=axes[1].transAxes)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return True
 
 
 def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch_size=None,
-        bins=5):
+        bins=5, seed=0):
     """Evaluates `checkpoint` on every `NAME[:SPLIT]=ROOT`; returns the list of results."""
     from hyperiqa_jax import checkpointing
-    from hyperiqa_jax.scoring import QualityModel, find_checkpoint
+    from hyperiqa_jax.scoring import QualityModel
 
-    manager_dir, _ = find_checkpoint(checkpoint)
+    manager_dir, _ = checkpointing.resolve_checkpoint(checkpoint)
     workdir = manager_dir.parent if manager_dir.name in (checkpointing.BEST_DIR,
                                                          checkpointing.LATEST_DIR) else None
     out = Path(out or (workdir / "eval" if workdir else "eval"))
@@ -217,14 +237,19 @@ def run(checkpoint, data_args, *, out=None, protocol=None, num_crops=None, batch
     results = []
     for arg in data_args:
         name, split, root = parse_data_arg(arg)
-        result, pred, mos, att = evaluate_dataset(model, name, split, root)
+        result, pred, mos, att = evaluate_dataset(model, name, split, root, seed=seed)
         result["checkpoint"] = model.source
-        tag = f"{name}_{split}".replace(":", "_").replace("/", "_")
-        write_predictions(result.pop("predictions"), out / f"predictions_{tag}.csv")
+        tag = output_tag(name, split)
+        predictions = result.pop("predictions")
+        write_predictions(predictions, out / f"predictions_{tag}.csv")
         if len(pred) > 1:
             plot_scatter(pred, mos, result, out / f"scatter_{tag}.png")
-        if att is not None and len(pred) >= bins:
-            plot_attention_by_bin(att, mos, name, out / f"attention_{tag}.png", bins)
+        if att is not None:
+            stages = stage_attention(att, stage_channels(model.config.model))
+            write_stage_attention([p for p, _, s in predictions if math.isfinite(s)], stages,
+                                  out / f"attention_{tag}.csv")
+            if len(pred) >= bins:
+                plot_attention_by_bin(stages, mos, name, out / f"attention_{tag}.png", bins)
         results.append(result)
         print(f"{name} ({split}): {result['num_images']} images, SRCC {_fmt(result['srcc'])} "
               f"PLCC {_fmt(result['plcc'])}", file=sys.stderr)
@@ -241,7 +266,6 @@ def _json_default(x):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.checkpoint or not FLAGS.data:
@@ -253,7 +277,7 @@ def main(argv):
         parse_data_arg(arg)
     results = run(FLAGS.checkpoint, FLAGS.data, out=FLAGS.out, protocol=FLAGS.protocol,
                   num_crops=FLAGS.num_crops, batch_size=FLAGS.batch_size,
-                  bins=FLAGS.quality_bins)
+                  bins=FLAGS.quality_bins, seed=FLAGS.seed)
     print(markdown_table(results))
 
 

@@ -1,5 +1,6 @@
 """Console logging of the command-line programs, and a training run's metric records."""
 
+import importlib.util
 import json
 import math
 import sys
@@ -18,12 +19,42 @@ def quiet_library_logs():
         logging.set_verbosity(logging.WARNING)
 
 
-class MetricWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars (process 0 only).
+def tensorboard_writer(logdir):
+    """tensorboardX's SummaryWriter for `logdir`, or None when it cannot write there.
 
-    A bucket workdir (gs://...) cannot be appended to: there the file is rewritten
-    whole at each write, and TensorBoard events are not written (tensorboardX
-    needs extra packages for buckets); metrics.jsonl is the record either way.
+    tensorboardX writes a gs:// folder itself when google-cloud-storage is installed
+    (it uploads the event file at each flush, every 2 minutes, and at close); without
+    it, or for another kind of URL, the run goes on with metrics.jsonl alone, after
+    one warning.
+    """
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
+        return None
+    logdir = str(logdir)
+    if is_url(logdir):
+        if not (logdir.startswith("gs://") and _importable("google.cloud.storage")):
+            print(f"warning: no TensorBoard events in {logdir} (tensorboardX writes local "
+                  "folders, and gs:// with google-cloud-storage installed); metrics.jsonl "
+                  "has every value", file=sys.stderr, flush=True)
+            return None
+    return SummaryWriter(logdir)
+
+
+def _importable(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars in tb/ (process 0
+    only).
+
+    A bucket workdir (gs://...) cannot be appended to: there metrics.jsonl is
+    rewritten whole at each write. TensorBoard events go to WORKDIR/tb on a bucket
+    too (`tensorboard_writer`); metrics.jsonl is the record either way.
     """
 
     def __init__(self, workdir):
@@ -35,13 +66,7 @@ class MetricWriter:
         self.lines = []
         if self.remote and self.path.exists():  # a resumed run keeps the earlier rows
             self.lines = self.path.read_text().splitlines(keepends=True)
-        self.tb = None
-        if not self.remote:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
-            except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
-                pass
+        self.tb = tensorboard_writer(epath.Path(workdir) / "tb")
 
     def write(self, step, epoch, split, values):
         if not self.enabled:

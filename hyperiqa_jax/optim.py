@@ -7,7 +7,7 @@ decay `lr * wd * param`, eps 1e-8 added after the square root.
 Schedules (`train_config.schedule`):
   cosine_epoch   PyTorch CosineAnnealingLR(T_max=epochs, eta_min) stepped once
                  per epoch: constant within an epoch. A group whose base lr is
-                 below eta_min rises toward eta_min, as in PyTorch (the seed's
+                 below eta_min rises toward eta_min, as in PyTorch (the original's
                  backbone lr 5e-7 with eta_min 1e-6 does this).
   warmup_cosine  per step: linear warmup from 0 over `warmup_steps`, then cosine
                  to `eta_min * group_lr / lr` (both groups keep their ratio).

@@ -9,22 +9,28 @@ Scores are on the label scale of the training set, higher = better quality
 mean over its crops; by default crops sit on a fixed grid (deterministic), as
 many per image as the run's `data.test_crops`, after the run's resize.
 Crops of many images are batched together to fill the devices.
+
+Quality maps say where in an image quality is lost: `model.quality_maps(images,
+stride)` scores crops on a dense grid (every `stride` pixels of the resized
+image) and yields a `QualityMap` of their scores per image.
 """
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
-from hyperiqa_jax import checkpointing, state
+from hyperiqa_jax import checkpointing
 from hyperiqa_jax.data import image as image_lib
 from hyperiqa_jax.data import pipeline
 from hyperiqa_jax.data.records import Record
-from hyperiqa_jax.errors import UserError
 
 
 def predict_scores(model, variables, images, label_stats):
@@ -105,6 +111,122 @@ class _ImageList:
         return self.images[i], float("nan"), _name(self.images[i])
 
 
+MAP_THUMBNAIL_SIZE = 384  # pixels, the longer side of a map's picture
+
+
+def dense_positions(height: int, width: int, crop: int, stride: int):
+    """(tops, lefts): crop corners every `stride` pixels down and across, the last ones
+    flush with the far edges so that every pixel is covered."""
+    def corners(size):
+        last = size - crop
+        out = list(range(0, last + 1, stride))
+        return np.array(out if out[-1] == last else [*out, last], np.int64)
+
+    return corners(height), corners(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityMap:
+    """Scores of crops on a dense grid over one image: where its quality is lost.
+
+    scores[r, c] (label units, higher = better) is the crop whose top-left corner
+    is (tops[r], lefts[c]) in the image resized as for scoring (`image_size`).
+    """
+
+    scores: np.ndarray          # float64 [rows, cols]
+    tops: np.ndarray            # int [rows]
+    lefts: np.ndarray           # int [cols]
+    crop_size: int
+    stride: int
+    image_size: tuple           # (height, width) the corners refer to
+    thumbnail: np.ndarray       # uint8 [h, w, 3]: the resized image, longer side <= 384
+
+    def coverage_mean(self, height: int, width: int) -> np.ndarray:
+        """float64 [height, width]: each pixel's mean score over the crops that cover it,
+        the image scaled to height x width."""
+        sy, sx = height / self.image_size[0], width / self.image_size[1]
+        total = np.zeros((height, width))
+        count = np.zeros((height, width))
+        for r, top in enumerate(self.tops):
+            y0, y1 = round(top * sy), round((top + self.crop_size) * sy)
+            for c, left in enumerate(self.lefts):
+                x0, x1 = round(left * sx), round((left + self.crop_size) * sx)
+                total[y0:y1, x0:x1] += self.scores[r, c]
+                count[y0:y1, x0:x1] += 1
+        return total / np.maximum(count, 1)
+
+    def to_json(self) -> dict:
+        return {"crop_size": self.crop_size, "stride": self.stride,
+                "image_size": list(self.image_size), "tops": self.tops.tolist(),
+                "lefts": self.lefts.tolist(), "scores": self.scores.tolist()}
+
+
+class _DenseCrops:
+    """Image index -> (index, DenseCrops or None, error or None): every crop of a map."""
+
+    def __init__(self, source, data_config, stride):
+        self.source, self.config, self.stride = source, data_config, stride
+
+    def __call__(self, index):
+        image, _, name = self.source[index]
+        try:
+            pixels = image_lib.eval_pixels(image, self.config, name=name)
+        except image_lib.ImageDecodeError as e:
+            return index, None, e.reason
+        crop = int(self.config.crop_size)
+        tops, lefts = dense_positions(pixels.shape[0], pixels.shape[1], crop, self.stride)
+        corners = np.stack(np.meshgrid(tops, lefts, indexing="ij"), -1).reshape(-1, 2)
+        return index, DenseCrops(image_lib.extract_crops(pixels, corners, crop), tops, lefts,
+                                 tuple(int(x) for x in pixels.shape[:2]),
+                                 _thumbnail(pixels)), None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCrops:
+    """The crops of one image's quality map, before they are scored."""
+
+    crops: np.ndarray           # uint8 [rows * cols, crop, crop, 3], row-major
+    tops: np.ndarray
+    lefts: np.ndarray
+    image_size: tuple
+    thumbnail: np.ndarray
+
+
+def _batches_of_rows(loaded, batch_size, crop, images_seen):
+    """Batches in `pipeline.make_eval_batches`' layout from images with any number of crops.
+
+    Each image of `loaded` goes into images_seen[index] = (DenseCrops or None,
+    error, []) before its rows are batched; the last batch is padded (index -1).
+    """
+    image = np.zeros((batch_size, crop, crop, 3), np.uint8)
+    index = np.full((batch_size,), -1, np.int32)
+    fill = 0
+    for i, dense, error in loaded:
+        images_seen[i] = (dense, error, [])
+        for row in (dense.crops if dense is not None else ()):
+            image[fill], index[fill] = row, i
+            fill += 1
+            if fill == batch_size:
+                yield {"image": image.copy(), "image_index": index.copy(), "valid": index >= 0}
+                fill = 0
+    if fill:
+        image[fill:], index[fill:] = 0, -1
+        yield {"image": image, "image_index": index, "valid": index >= 0}
+
+
+def _all_scored(seen):
+    dense, _, scores = seen
+    return len(scores) == (0 if dense is None else len(dense.crops))
+
+
+def _quality_map(index, dense, error, scores, stride):
+    if dense is None:
+        return index, None, error
+    grid = np.asarray(scores, np.float64).reshape(len(dense.tops), len(dense.lefts))
+    return index, QualityMap(grid, dense.tops, dense.lefts, int(dense.crops.shape[1]), stride,
+                             dense.image_size, dense.thumbnail), None
+
+
 class QualityModel:
     """A trained model plus its preprocessing; `score` maps images to quality scores."""
 
@@ -115,7 +237,7 @@ class QualityModel:
         self.label_stats = tuple(float(x) for x in label_stats)
         self.protocol = protocol or config.data.eval_protocol
         self.num_crops = image_lib.num_eval_crops(config.data, self.protocol, num_crops)
-        self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+        self.num_workers = num_workers or min(8, pipeline.usable_cpu_count())
         self.source = source
         devices = jax.local_devices()
         # Default: the run's evaluation batch (its numbers then match training-time
@@ -136,31 +258,9 @@ class QualityModel:
     @classmethod
     def from_checkpoint(cls, path, **kwargs):
         """Loads a training workdir (best checkpoint, else latest), best/, or a step folder."""
-        from hyperiqa_jax import models
-
-        manager_dir, step = find_checkpoint(path)
-        where = f"checkpoint {manager_dir}/{step}"
-        try:
-            meta = checkpointing.read_meta(manager_dir, step)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{where}: its meta item cannot be read ({_first_line(e)}); point "
-                            "--checkpoint at a run written by hyperiqa_jax.train") from e
-        if not {"model", "data", "train"} <= set(meta.get("config") or {}):
-            raise UserError(f"{where}: its meta item holds no training config; point "
-                            "--checkpoint at a run written by hyperiqa_jax.train")
-        config = checkpointing.config_from_meta(meta)
-        model = models.build_model(config.model)
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = checkpointing.with_shardings(
-            state.abstract_inference_variables(model, config.data.crop_size), sharding)
-        try:  # only params (and batch_stats), from a train or an inference checkpoint
-            variables = checkpointing.restore_variables(manager_dir, step, target)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{where}: its parameters cannot be restored into the model its "
-                            f"config describes ({_first_line(e)}); was it written by another "
-                            "version of this code, or only partly?") from e
-        return cls(model, variables, config, meta.get("label_mean_std", (0.0, 1.0)),
-                   source=f"{manager_dir}/{step}", **kwargs)
+        ckpt = checkpointing.load_for_inference(path)
+        return cls(ckpt.model, ckpt.variables, ckpt.config, ckpt.label_stats,
+                   source=ckpt.source, **kwargs)
 
     def crops(self, image, index=0):
         """uint8 [num_crops, crop, crop, 3]: the crops scored for one path / bytes / array."""
@@ -198,6 +298,31 @@ class QualityModel:
                                          jax.device_put(batch["image"], self._batch_sharding))
         return score, attention, batch["image_index"], batch["valid"]
 
+    def quality_maps(self, images: Iterable, stride: int) -> Iterator[tuple]:
+        """Yields (index, QualityMap or None, error or None) per input, in input order.
+
+        Crops of `crop_size` every `stride` pixels over each image (resized as for
+        scoring), batched across images like `iter_scores`.
+        """
+        source = _ImageList(list(images))
+        loaded = grain.MapDataset.range(len(source)).map(
+            _DenseCrops(source, self.config.data, stride)).to_iter_dataset(
+            grain.ReadOptions(num_threads=self.num_workers,
+                              prefetch_buffer_size=2 * self.num_workers))
+        images_seen = {}  # index -> (dense crops or None, error, crop scores so far)
+        batches = _batches_of_rows(loaded, self.batch_size, self.crop_size, images_seen)
+        next_index = 0
+        for score, _, index, _ in overlapped(batches, self._score_batch):
+            for s, i in zip(score[index >= 0], index[index >= 0]):
+                images_seen[int(i)][2].append(float(s))
+            # An image is done once all its rows are scored (none: it failed to decode).
+            while next_index in images_seen and _all_scored(images_seen[next_index]):
+                yield _quality_map(next_index, *images_seen.pop(next_index), stride)
+                next_index += 1
+        while next_index < len(source):  # images after the last row: failed ones
+            yield _quality_map(next_index, *images_seen.pop(next_index), stride)
+            next_index += 1
+
     def score(self, images, *, return_attention=False, errors="raise"):
         """Quality scores (float64 [N], higher = better) for paths, bytes or uint8 arrays.
 
@@ -222,18 +347,10 @@ class QualityModel:
         return scores, np.stack(attention)
 
 
-def find_checkpoint(path):
-    """`checkpointing.find_checkpoint`, saying what --checkpoint takes when `path` is absent."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint path {os.path.abspath(path)} does not exist; --checkpoint "
-                        "takes a training workdir (e.g. runs/demo, which `make demo` writes), "
-                        "its best/ or checkpoints/ folder, or one step folder")
-    return checkpointing.find_checkpoint(path)
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+def _thumbnail(pixels, size=MAP_THUMBNAIL_SIZE):
+    img = Image.fromarray(pixels)
+    img.thumbnail((size, size))
+    return np.asarray(img)
 
 
 def _name(x):

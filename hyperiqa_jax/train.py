@@ -7,6 +7,8 @@ The workdir collects everything: `checkpoints/` (latest K, resumable: rerun the
 same command to continue exactly where it stopped), `best/` (best test SRCC,
 what evaluate/predict read), `metrics.jsonl`, TensorBoard events in `tb/` and
 `summary.json`. It may be a `gs://` path (etils.epath, as Orbax uses).
+Exit status: 0 when the run ends, 75 (EXIT_PREEMPTED) after SIGTERM stopped it
+with a checkpoint saved (the launchers requeue or rerun on it), 2 for a user error.
 
 Read top to bottom, the file follows the data: config -> steps -> evaluation
 -> logging -> the run (mesh, input, state, loop). The global batch is split
@@ -43,7 +45,7 @@ from hyperiqa_jax.config_checks import check_config, eval_batch_size
 from hyperiqa_jax.data import device
 from hyperiqa_jax.data.image import normalize
 from hyperiqa_jax.errors import ConfigError, UserError
-from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable, quiet_library_logs
+from hyperiqa_jax.logs import MetricWriter, format_summary, jsonable
 from hyperiqa_jax.paths import is_url
 
 # ----------------------------------------------------------------------------
@@ -58,6 +60,12 @@ def _log(message):
 
 def _config_to_json(config):
     return json.loads(config.to_json_best_effort())
+
+
+# Exit status after SIGTERM stopped the run with a checkpoint saved (EX_TEMPFAIL of
+# sysexits.h, "try again"): a job scheduler's requeue path acts on it; 0 means finished.
+EXIT_PREEMPTED = 75
+PREEMPTED = "preempted (SIGTERM): checkpoint saved, rerun to resume"
 
 
 def workdir_path(workdir):
@@ -222,16 +230,95 @@ def initial_state(config, init_fn, abstract_state, shardings):
     return train_state
 
 
-def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir):
-    """The train state, data position and progress saved at `step`."""
+def _flat_settings(tree, prefix):
+    """{'model.backbone_overrides.embed_dim': 24, ...}; lists as tuples (JSON keeps none)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def setting_changes(saved_config, config, section):
+    """'SECTION.KEY is SAVED in the checkpoint, NOW here' per differing setting of `section`."""
+    saved = _flat_settings(saved_config[section].to_dict(), f"{section}.")
+    now = _flat_settings(config[section].to_dict(), f"{section}.")
+    return [f"{key} is {saved.get(key, 'unset')!r} in the checkpoint, {now.get(key, 'unset')!r} "
+            "here" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+def _first(items, n=3):
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def check_checkpoint_fits(ckpt, step, abstract_state, config):
+    """Raises a one-line UserError when checkpoint `step` does not fit the train state.
+
+    Read from the checkpoint's metadata and saved config, before any restore: the
+    message names the settings and the arrays that differ. UnreadableCheckpoint
+    when those cannot be read.
+    """
+    manager_dir = epath.Path(str(ckpt.latest.directory))
+    try:
+        saved = checkpointing.saved_array_specs(manager_dir, step)
+        meta = checkpointing.restore_latest_meta(ckpt, step)
+    except Exception as e:  # truncated or missing files: Orbax, tensorstore or JSON errors
+        raise UnreadableCheckpoint(ckpt, step, e) from e
+    differences = checkpointing.spec_differences(saved, checkpointing.array_specs(abstract_state))
+    if not differences:
+        return
+    changes = []
+    if isinstance(meta, dict) and "config" in meta:  # the model's arrays, else the optimiser's
+        section = "model" if differences[0].startswith("params/") else "train"
+        changes = setting_changes(checkpointing.config_from_meta(meta), config, section)
+    meta_path = checkpointing.meta_file(manager_dir, step)
+    where = (f"`python -m json.tool {meta_path}` shows it" if meta_path.exists()
+             else f"its meta in {manager_dir / str(step)} holds it")
+    todo = (f"Rerun with the config it was trained with ({where}), or train into a new --workdir"
+            if changes else "Its saved config matches this one, so other code wrote it: train "
+            "into a new --workdir")
+    settings = f" ({_first(changes)})" if changes else ""
+    raise UserError(f"the checkpoint at step {step} in {manager_dir} does not fit this "
+                    f"config{settings}: {_first(differences)}. {todo}")
+
+
+class UnreadableCheckpoint(UserError):
+    """The newest checkpoint of a workdir cannot be read; names the older one (deletes nothing)."""
+
+    def __init__(self, ckpt, step, error):
+        manager_dir = epath.Path(str(ckpt.latest.directory))
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        older = [s for s in ckpt.latest.all_steps() if s < step]
+        if older:
+            todo = (f"step {max(older)} is the checkpoint before it: to resume from there, move "
+                    f"{manager_dir / str(step)} out of {manager_dir} and rerun; or train into a "
+                    "new --workdir")
+        else:
+            todo = (f"there is no older checkpoint: move {manager_dir / str(step)} out of "
+                    f"{manager_dir} to start over, or train into a new --workdir")
+        super().__init__(f"the newest checkpoint, step {step} in {manager_dir}, cannot be read "
+                         f"(truncated or damaged files? {type(error).__name__}: {reason}); "
+                         f"nothing was deleted. {todo}")
+
+
+def resume(ckpt, step, abstract_state, shardings, batches, label_stats, workdir, config):
+    """The train state, data position and progress saved at `step`.
+
+    A checkpoint of another model, or one that cannot be read, stops with a
+    one-line UserError that says what differs or which older step there is.
+    """
+    check_checkpoint_fits(ckpt, step, abstract_state, config)
     target = checkpointing.with_shardings(abstract_state, shardings["state"])
-    # The grain iterator state is saved per process; a checkpoint from another
-    # process count has none for this layout, so the data position is rebuilt
+    # Without a saved position for this process layout, the data position is rebuilt
     # from the step count (skip that many batches of this process's stream).
-    iter_file = (epath.Path(str(ckpt.latest.directory)) / str(step) / "data_iter" /
-                 f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    same_layout = iter_file.exists()
-    train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
+    same_layout = ckpt.has_data_position(step)
+    try:
+        train_state, meta = ckpt.restore(step, target, batches if same_layout else None)
+    except Exception as e:  # the metadata fit: the array or iterator files are damaged
+        raise UnreadableCheckpoint(ckpt, step, e) from e
     if not same_layout:
         _log(f"Checkpoint written by another process count: skipping {step} batches of the "
              "input to its position")
@@ -346,9 +433,18 @@ def checkpoint_meta(config, label_stats, step, steps_per_epoch, progress):
             "step": int(step), "epoch": step / steps_per_epoch, **dataclasses.asdict(progress)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary."""
-    check_config(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       records=None) -> dict:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary.
+
+    `records`: the (train, test) sources of a caller that has already checked the
+    config and loaded them (`main`); without them both happen here.
+    """
+    if records is None:
+        check_config(config)
+        records = load_train_test_records(config)
+    train_records, test_records = records
+    data.pipeline.mark_flags_parsed()
     tc = config.train
     workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +456,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
     # ---- Input: this process's shard of the train set; its share of the test set.
-    train_records, test_records = load_train_test_records(config)
     if not len(train_records):
         raise UserError(f"no training images in {config.data.name} ({config.data.root})")
     label_stats = label_statistics(data.split_scores(train_records), tc.standardize_labels)
@@ -384,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints)
     if ckpt.latest_step() is not None:
         train_state, progress = resume(ckpt, ckpt.latest_step(), abstract_state, shardings,
-                                       batches, label_stats, workdir)
+                                       batches, label_stats, workdir, config)
     else:
         train_state = initial_state(config, init_fn, abstract_state, shardings)
         progress = Progress()
@@ -440,7 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpoint_meta(config, label_stats, step, steps_per_epoch, progress),
                     state_kind="train"))
             if preempted:
-                stop_reason = "preempted (SIGTERM): checkpoint saved, rerun to resume"
+                stop_reason = PREEMPTED
             if stop_reason != "completed":
                 break
     bar.close()
@@ -511,7 +606,6 @@ def check_images(records, data_config, sample=32):
 
 def main(argv):
     FLAGS = flags.FLAGS
-    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
@@ -522,7 +616,7 @@ def main(argv):
         distributed.initialize()
     except ValueError as e:  # the cluster settings (flags / JAX_* variables) do not fit
         raise ConfigError(str(e)) from e
-    # Both again inside train_and_evaluate; here before any set-up (seconds, not minutes).
+    # Before any set-up: a wrong setting fails in seconds, not after the compilation.
     check_config(FLAGS.config)
     backbone = FLAGS.config.pretrained_backbone
     steps = (workdir_path(FLAGS.workdir) / checkpointing.LATEST_DIR).glob("[0-9]*")
@@ -533,8 +627,25 @@ def main(argv):
             "`python -m weights_conversion.convert_timm --model NAME --checkpoint FILE --out DIR` "
             "(needs the torch extra) and pass --config.pretrained_backbone=DIR, or '' to train "
             "from scratch")
-    check_images(load_train_test_records(FLAGS.config)[0], FLAGS.config.data)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    records = load_train_test_records(FLAGS.config)
+    check_images(records[0], FLAGS.config.data)
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir, records)
+    return exit_status(summary)
+
+
+def exit_status(summary):
+    """0 for a finished run, EXIT_PREEMPTED when SIGTERM stopped it (checkpoint saved).
+
+    With several processes all of them first meet here: a launcher that stops the
+    others when one exits non-zero (srun --kill-on-bad-exit) then cannot cut short a
+    peer that is still closing its checkpoint or writing the summary.
+    """
+    if summary["stop_reason"] != PREEMPTED:
+        return 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hyperiqa_jax.train preempted exit")
+    return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

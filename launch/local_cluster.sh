@@ -7,16 +7,19 @@
 #
 # Every process runs the same command with JAX_COORDINATOR_ADDRESS (127.0.0.1:PORT),
 # JAX_NUM_PROCESSES and JAX_PROCESS_ID set, which hyperiqa_jax.distributed.initialize()
-# reads. Process i logs to LOGDIR/process_i.log; process 0 is also shown here.
+# reads, and JAX_NUM_CPU_DEVICES (its fake CPU devices). Process i logs to
+# LOGDIR/process_i.log; process 0 is also shown here.
 # When one process fails, the others are stopped (a dead peer would otherwise leave
 # them waiting in a collective); -t bounds the whole run. SIGTERM or Ctrl-C to this
-# script is passed to every process: training saves a checkpoint and exits, as on a
-# preempted pod. Exit status: 0, the first failing process's status, or 124 on timeout.
+# script is passed to every process: training saves a checkpoint and exits with 75,
+# as on a preempted pod (75 is not a failure: the others are left to finish their
+# save). Exit status: 0, the first failing process's status, 75 when stopped after a
+# checkpoint, or 124 on timeout.
 
 set -u
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     echo "options: -n PROCESSES (2) -d DEVICES_PER_PROCESS (2) -p PORT (free one)"
     echo "         -l LOGDIR (runs/local_cluster_logs) -t TIMEOUT_SECONDS (0 = none)"
 }
@@ -61,13 +64,11 @@ for ((i = 0; i < processes; i++)); do
     log="$logdir/process_$i.log"
     if ((i == 0)); then
         JAX_PLATFORMS=cpu JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
-            JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
-            XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
+            JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" JAX_NUM_CPU_DEVICES="$devices" \
             "$@" > >(tee "$log") 2>&1 &
     else
         JAX_PLATFORMS=cpu JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
-            JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
-            XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
+            JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" JAX_NUM_CPU_DEVICES="$devices" \
             "$@" > "$log" 2>&1 &
     fi
     pids+=("$!")
@@ -84,7 +85,9 @@ signal_all() {
 trap 'echo "[local_cluster] signal received: SIGTERM to every process" >&2; signal_all TERM' \
     TERM INT
 
+preempted=75  # train's exit status after a SIGTERM checkpoint (hyperiqa_jax.train)
 status=0
+stopped=0
 start=$SECONDS
 while :; do
     running=0
@@ -98,7 +101,9 @@ while :; do
         wait "$pid"
         rc=$?
         pids[i]=""
-        if ((rc != 0 && status == 0)); then
+        if ((rc == preempted)); then
+            stopped=1
+        elif ((rc != 0 && status == 0)); then
             status=$rc
             echo "[local_cluster] process $i exited with status $rc: stopping the others" \
                 "(see $logdir/process_$i.log)" >&2
@@ -117,4 +122,7 @@ while :; do
     sleep 0.5
 done
 wait  # the tee of process 0
+if ((status == 0 && stopped)); then
+    status=$preempted
+fi
 exit "$status"

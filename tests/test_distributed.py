@@ -6,8 +6,10 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import jax
 import pytest
 from absl import flags
 
@@ -120,6 +122,199 @@ def test_initialize_single_process_and_early_return(capsys):
     info = distributed.initialize()
     assert info["process_count"] == 1 and info["process_index"] == 0
     assert info["device_count"] >= 1
+
+
+# ---------------------------------------------------------------------------- SLURM layouts
+# The variables srun sets in one task of a 2-node step (one process per GPU: 8 tasks per
+# node with --gpus-per-task=1; one process per node: 1 task with 8 GPUs), and the GPU
+# indices (among those the process sees) each layout needs.
+
+
+def slurm_task(tasks_per_node, proc, local, visible, nodes=2):
+    return {"SLURM_JOB_ID": "4100", "SLURM_JOB_NODELIST": "gpu[017-018]",
+            "SLURM_STEP_NODELIST": "gpu[017-018]", "SLURM_NNODES": str(nodes),
+            "SLURM_STEP_NUM_NODES": str(nodes), "SLURM_NTASKS": str(tasks_per_node * nodes),
+            "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x{nodes})",
+            "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x{nodes})",
+            "SLURM_NODEID": str(proc // tasks_per_node), "SLURM_PROCID": str(proc),
+            "SLURM_LOCALID": str(local), "CUDA_VISIBLE_DEVICES": visible}
+
+
+ALL8 = "0,1,2,3,4,5,6,7"
+LAYOUTS = {
+    # --ntasks-per-node=8 --gpus-per-task=1: SLURM binds one GPU to each task; it is the
+    # process's only GPU (index 0), whatever its number on the node.
+    "per_gpu": (slurm_task(8, 11, 3, "3"), None, "all"),
+    "per_gpu_cgroup": (slurm_task(8, 11, 3, "0"), None, "all"),
+    # --ntasks-per-node=1 --gpus-per-task=8: one process drives the node's 8 GPUs.
+    "per_node": (slurm_task(1, 1, 0, ALL8), None, "all"),
+    # --ntasks-per-node=8 --gpus-per-node=8: every task sees all 8; each takes its own.
+    "per_gpu_shared": (slurm_task(8, 11, 3, ALL8), (3,), "3"),
+    # --ntasks-per-node=2 --gpus-per-node=8: 4 GPUs per task.
+    "two_per_node": (slurm_task(2, 3, 1, ALL8), (4, 5, 6, 7), "4,5,6,7"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_slurm_layouts_choose_the_devices_each_task_needs(layout):
+    env, devices, _ = LAYOUTS[layout]
+    p = distributed.plan(env=env)
+    assert p == distributed.Plan("slurm", "gpu017:61444", int(env["SLURM_NTASKS"]),
+                                 int(env["SLURM_PROCID"]), devices)
+
+
+def test_slurm_tasks_that_cannot_share_the_gpus_evenly_are_refused():
+    with pytest.raises(ValueError, match="3 SLURM tasks on this node share its 8 GPUs"):
+        distributed.plan(env=slurm_task(3, 1, 1, ALL8))
+
+
+def test_slurm_uneven_task_counts_per_node():
+    env = dict(slurm_task(8, 9, 1, ""), SLURM_NTASKS="12", SLURM_STEP_TASKS_PER_NODE="8,4",
+               SLURM_NODEID="1")
+    assert distributed.plan(env=env).local_device_ids == (1,)  # 4 tasks here, one GPU each
+    one = dict(env, SLURM_STEP_TASKS_PER_NODE="11,1", SLURM_LOCALID="0",
+               CUDA_VISIBLE_DEVICES=ALL8)
+    assert distributed.plan(env=one).local_device_ids is None  # alone on its node
+
+
+@pytest.fixture
+def cluster_env(monkeypatch):
+    """A clean environment (no SLURM, TPU or JAX_* cluster variables) to set a layout in."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "JAX_COORDINATOR", "TPU_")) or name in (
+                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS",
+                "CUDA_VISIBLE_DEVICES", "JAX_INITIALIZATION_TIMEOUT"):
+            monkeypatch.delenv(name)
+
+    def set_env(env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+    return set_env
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_initialize_hands_the_choice_to_jax_with_its_detection_off(layout, cluster_env,
+                                                                   monkeypatch):
+    env, devices, _ = LAYOUTS[layout]
+    cluster_env(env)
+    seen = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: seen.append((a, kw)))
+    distributed.initialize()
+    assert seen == [((), {"coordinator_address": "gpu017:61444",
+                          "num_processes": int(env["SLURM_NTASKS"]),
+                          "process_id": int(env["SLURM_PROCID"]),
+                          "local_device_ids": list(devices) if devices else None,
+                          "cluster_detection_method": "deactivate",
+                          "initialization_timeout": 300})]
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """jax.distributed.initialize runs for real, but its coordination service and client are
+    stand-ins (nothing listens or connects), and the CPU backend this test process already
+    runs does not count as started; JAX's global state and the device choice it writes
+    (jax_cuda_visible_devices) are restored afterwards."""
+    from jax._src import distributed as jax_distributed
+    from jax._src import xla_bridge
+
+    jax.devices()  # the CPU backend exists before the fake client could reach it
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    state = jax_distributed.global_state
+    for field in ("service", "client", "preemption_sync_manager", "coordinator_address",
+                  "process_id", "num_processes", "partition_index"):
+        monkeypatch.setattr(state, field, getattr(state, field, None), raising=False)
+    monkeypatch.setattr(state, "initialize_preemption_sync_manager", lambda: None)
+    runtime = types.SimpleNamespace(
+        get_distributed_runtime_service=lambda *a, **kw: types.SimpleNamespace(),
+        get_distributed_runtime_client=lambda *a, **kw: types.SimpleNamespace(
+            connect=lambda: None))
+    monkeypatch.setattr(jax_distributed, "_jax", runtime)
+    yield lambda: xla_bridge.CUDA_VISIBLE_DEVICES.value
+    jax.config.update("jax_cuda_visible_devices", "all")
+    jax.config.update("jax_rocm_visible_devices", "all")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jax_uses_the_gpus_each_layout_needs(layout, cluster_env, fake_runtime):
+    env, _, visible = LAYOUTS[layout]
+    cluster_env(env)
+    assert fake_runtime() == "all"
+    info = distributed.initialize()
+    assert info["kind"] == "slurm"
+    assert fake_runtime() == visible
+
+
+def test_jax_detection_alone_would_ask_for_gpu_slurm_localid(cluster_env, fake_runtime):
+    """Why the detection is switched off: with --gpus-per-task=1, JAX's own SLURM detection
+    restricts task 3 to GPU 3, which its single visible GPU (index 0) does not have."""
+    cluster_env(LAYOUTS["per_gpu"][0])
+    jax.distributed.initialize()
+    assert fake_runtime() == "3"
+
+
+# ---------------------------------------------------------------------------- JAX's variables
+
+
+def test_jax_coordinator_address_alone_keeps_the_detected_count_and_id():
+    env = dict(LAYOUTS["per_gpu"][0], JAX_COORDINATOR_ADDRESS="10.0.0.5:7000")
+    assert distributed.plan(env=env) == distributed.Plan("slurm", "10.0.0.5:7000", 16, 11)
+    tpu = {"TPU_WORKER_HOSTNAMES": "t0,t1", "TPU_WORKER_ID": "1",
+           "JAX_COORDINATOR_ADDRESS": "t0:8476"}
+    assert distributed.plan(env=tpu) == distributed.Plan("tpu", "t0:8476")
+
+
+def test_jax_coordinator_port_and_local_device_ids_are_honoured():
+    env = dict(LAYOUTS["per_node"][0], JAX_COORDINATOR_PORT="7001", JAX_LOCAL_DEVICE_IDS="0,1")
+    assert distributed.plan(env=env) == distributed.Plan("slurm", "gpu017:7001", 2, 1, (0, 1))
+    env = {"JAX_COORDINATOR_ADDRESS": "head", "JAX_COORDINATOR_PORT": "7002",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
+    assert distributed.plan(env=env).coordinator_address == "head:7002"
+    with pytest.raises(ValueError, match="'head' has no port"):
+        distributed.plan(env=dict(env, JAX_COORDINATOR_PORT=""))
+    with pytest.raises(ValueError, match="JAX_LOCAL_DEVICE_IDS must be comma-separated"):
+        distributed.plan(env=dict(env, JAX_LOCAL_DEVICE_IDS="gpu0"))
+
+
+def test_jax_coordinator_address_alone_off_a_cluster_says_what_is_missing():
+    with pytest.raises(ValueError, match="missing: process count, process id.*SLURM step"):
+        distributed.plan(env={"JAX_COORDINATOR_ADDRESS": "head:1234"})
+
+
+def test_explicit_settings_and_tpu_reach_jax(cluster_env, monkeypatch):
+    seen = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: seen.append(kw))
+    # Explicit settings inside a SLURM step: JAX must not override the devices either.
+    cluster_env(dict(LAYOUTS["per_gpu"][0], JAX_COORDINATOR_ADDRESS="h:5",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1", JAX_INITIALIZATION_TIMEOUT="9"))
+    distributed.initialize()
+    assert seen.pop() == {"coordinator_address": "h:5", "num_processes": 2, "process_id": 1,
+                          "local_device_ids": None, "cluster_detection_method": "deactivate",
+                          "initialization_timeout": 9}
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "JAX_")):
+            monkeypatch.delenv(name)
+    cluster_env({"TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "t0"})
+    distributed.initialize()
+    assert seen.pop() == {"coordinator_address": None, "initialization_timeout": 300}
+
+
+# ---------------------------------------------------------------------------- the platform
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_a_platform_that_cannot_start_is_one_error_line_not_a_cpu_run(platform, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS=platform)
+    done = subprocess.run([sys.executable, "-m", "hyperiqa_jax.train", "--config=configs/demo.py",
+                           f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: JAX_PLATFORMS={platform}, but JAX could not start it")
+    assert "nothing runs on the CPU instead" in last
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------- real processes

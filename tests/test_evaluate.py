@@ -98,3 +98,23 @@ def test_training_curves_without_test_evaluations(tmp_path):
         warnings.simplefilter("error")
         assert evaluate.plot_training_curves(metrics, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def _curve_axes(rows):
+    fig = evaluate.training_curves_figure(rows)
+    try:
+        return [(ax.get_ylabel(), [tuple(line.get_xdata()) for line in ax.get_lines()])
+                for ax in fig.axes]
+    finally:
+        evaluate._pyplot().close(fig)
+
+
+def test_training_curves_draw_one_panel_per_kind_of_row():
+    loss = [{"step": s, "split": "train", "loss": 1.0 / s} for s in (1, 2, 3)]
+    test = [{"step": 3, "split": "test", "srcc": 0.5, "plcc": 0.4}]
+    assert _curve_axes(loss) == [("training loss", [(1, 2, 3)])]
+    assert _curve_axes(test) == [("test correlation", [(3,), (3,)])]
+    assert _curve_axes(loss + test) == [("training loss", [(1, 2, 3)]),
+                                        ("test correlation", [(3,), (3,)])]
+    # Rows without a loss or a correlation (e.g. a test row of an empty split) draw nothing.
+    assert evaluate.training_curves_figure([{"step": 1, "split": "test", "srcc": None}]) is None

@@ -23,9 +23,9 @@ class PageParser(HTMLParser):
         self.tags.append(tag)
         if tag == "figure":
             self.figures.append({"path": attrs["data-path"], "score": float(attrs["data-score"]),
-                                 "img": None})
+                                 "img": None, "map": None})
         if tag == "img":
-            self.figures[-1]["img"] = attrs["src"]
+            self.figures[-1]["map" if attrs.get("class") == "map" else "img"] = attrs["src"]
         self.urls += [v for k, v in attrs.items() if k in ("src", "href", "srcset", "action")]
         if tag == "tr" and attrs.get("class") == "failed":
             self.failed.append({})
@@ -94,3 +94,42 @@ def test_empty_results_render():
     page = PageParser()
     page.feed(report.render([]))
     assert page.figures == [] and page.failed == []
+
+
+def _quality_map(scores, lefts, crop=50, size=(50, 100)):
+    from hyperiqa_jax.scoring import QualityMap
+
+    return QualityMap(scores=np.array([scores], np.float64), tops=np.array([0]),
+                      lefts=np.array(lefts), crop_size=crop, stride=25, image_size=size,
+                      thumbnail=np.full((*size, 3), 128, np.uint8))
+
+
+def test_map_pixels_are_the_mean_of_the_crops_covering_them():
+    qmap = _quality_map([10.0, 30.0, 50.0], [0, 25, 50])
+    values = qmap.coverage_mean(50, 100)
+    expected = np.repeat([10.0, 20.0, 40.0, 50.0], 25)  # 1, 2, 2, 1 crops over each quarter
+    np.testing.assert_array_equal(values, np.tile(expected, (50, 1)))
+    # At half the size crop edges fall at 12.5 and 37.5 pixels, rounded to even: 12, 38.
+    np.testing.assert_array_equal(qmap.coverage_mean(25, 50)[0, [0, 11, 12, 37, 38, 49]],
+                                  [10.0, 10.0, 20.0, 40.0, 50.0, 50.0])
+
+
+def test_map_picture_is_red_where_low_and_blue_where_high():
+    picture = report.map_picture(_quality_map([10.0, 90.0], [0, 50]))
+    assert picture.size == (100, 50 + report.LEGEND_HEIGHT)
+    pixels = np.asarray(picture).astype(int)
+    left, right = pixels[25, 10], pixels[25, 90]
+    assert left[0] > left[2] + 50 and right[2] > right[0] + 50, (left, right)
+    png = report.map_png(_quality_map([10.0, 90.0], [0, 50]))
+    assert Image.open(io.BytesIO(png)).size == picture.size
+
+
+def test_page_shows_a_map_beside_its_thumbnail(tmp_path):
+    paths = _images(tmp_path)[:2]
+    uri = report.png_data_uri(report.map_png(_quality_map([10.0, 90.0], [0, 50])))
+    page = PageParser()
+    page.feed(report.render([(p, 50.0 + i, None) for i, p in enumerate(paths)],
+                            maps={paths[0]: uri}))
+    by_path = {f["path"]: f for f in page.figures}
+    assert by_path[paths[0]]["map"] == uri and by_path[paths[1]]["map"] is None
+    assert all(f["img"].startswith("data:image/jpeg;base64,") for f in page.figures)

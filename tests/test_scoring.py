@@ -100,6 +100,23 @@ def test_attention_and_best_checkpoint(workdir, images, tmp_path):
     np.testing.assert_allclose(best.score(images), scores, rtol=1e-6)
 
 
+def test_load_for_inference_resolves_and_restores(workdir, tmp_path):
+    """One call from what the user points at to config, model and variables."""
+    from hyperiqa_jax.errors import UserError
+
+    for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "0"):
+        ckpt = checkpointing.load_for_inference(path)
+        assert ckpt.source == f"{workdir / 'checkpoints'}/0" and ckpt.step == 0
+        assert ckpt.workdir == workdir and ckpt.label_stats == (50.0, 20.0)
+        assert ckpt.config.data.crop_size == 56 and set(ckpt.variables) == {"params"}
+    shapes = jax.tree.map(lambda x: x.shape, ckpt.variables)
+    want = jax.eval_shape(lambda r: ckpt.model.init(r, np.zeros((1, 56, 56, 3), np.float32)),
+                          jax.random.PRNGKey(0))
+    assert shapes == jax.tree.map(lambda x: x.shape, dict(want))
+    with pytest.raises(UserError, match="does not exist.*training workdir"):
+        checkpointing.load_for_inference(tmp_path / "nowhere")
+
+
 def test_inference_does_not_import_the_trainer(workdir, images):
     code = ("import sys; from hyperiqa_jax import QualityModel; "
             f"QualityModel.from_checkpoint({str(workdir)!r}).score({images[:1]!r}); "
@@ -119,3 +136,12 @@ def test_import_is_light():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "QualityModel"
+
+
+def test_dense_positions_cover_the_image_edge_to_edge():
+    from hyperiqa_jax.scoring import dense_positions
+
+    tops, lefts = dense_positions(64, 224, 56, 28)
+    assert tops.tolist() == [0, 8]  # 0, then flush with the bottom edge
+    assert lefts.tolist() == [0, 28, 56, 84, 112, 140, 168]  # 168 + 56 = 224: on the stride
+    assert [t.tolist() for t in dense_positions(56, 100, 56, 30)] == [[0], [0, 30, 44]]

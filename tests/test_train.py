@@ -70,6 +70,16 @@ def test_crop_step_below_one_is_rejected():
         train.check_config(c)
 
 
+def test_stem_stride_must_divide_the_patch_size():
+    c = train_utils.tiny_config()
+    c.model.backbone_overrides.update(stem_channels=4, patch_size=4, stem_stride=3)
+    with pytest.raises(ValueError, match="stem_stride=3 must be a whole number that divides the "
+                                         r"patch size \(4\)"):
+        train.check_config(c)
+    c.model.backbone_overrides.stem_stride = 2
+    train.check_config(c)
+
+
 def test_cli_rejects_unknown_override(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hyperiqa_jax.train", "--config=configs/demo.py",
@@ -152,8 +162,10 @@ def test_sharded_step_over_8_devices_equals_single_device():
     np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
     np.testing.assert_allclose(r["grad_norm"][0], r["grad_norm"][1], rtol=1e-4)
     # Two AdamW steps at lr 1e-3 move parameters by ~2e-3; the 8-way reduction order
-    # may only change them at the float32 rounding level.
-    assert r["max_param_diff"] < 1e-5, r
+    # changes gradients at the rounding level, which AdamW's division by each element's
+    # running magnitude scales up where a gradient is itself that small: measured
+    # 1.1e-5 apart. Gradients that differ (a missing all-reduce) move them by ~1e-3.
+    assert r["max_param_diff"] < 2e-4, r
 
 
 def test_loss_falls_on_demo_data(tmp_path, demo_root):

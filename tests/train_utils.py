@@ -117,3 +117,19 @@ def enable_compilation_cache():
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
+
+
+def write_config_file(path, config):
+    """A config file (read by path, as the commands read one) that rebuilds `config`.
+
+    It starts from the demo recipe and sets every section's values, so it needs
+    nothing but the installed package.
+    """
+    sections = {k: v for k, v in config.to_dict().items() if isinstance(v, dict)}
+    top = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
+    lines = ["from hyperiqa_jax.config_defaults import demo_config", "", "",
+             "def get_config():", "    config = demo_config()"]
+    lines += [f"    config.{name}.update({values!r})" for name, values in sections.items()]
+    lines += [f"    config.update({top!r})", "    return config", ""]
+    Path(path).write_text("\n".join(lines))
+    return str(path)

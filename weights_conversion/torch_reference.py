@@ -221,8 +221,12 @@ def perturb(model: nn.Module, seed: int = 0, scale: float = 0.05) -> None:
                 buffer.mul_(torch.empty(buffer.shape).uniform_(0.5, 2.0, generator=generator))
 
 
-def calibrate_scores(model: HyperIQAReference, images, low: float = 35.0,
-                     high: float = 65.0, preactivation_std: float = 2.0) -> dict:
+# The range `calibrate_scores` maps the scores of its images onto by default.
+CALIBRATED_SCORES = (35.0, 65.0)
+
+
+def calibrate_scores(model: HyperIQAReference, images, low: float = CALIBRATED_SCORES[0],
+                     high: float = CALIBRATED_SCORES[1], preactivation_std: float = 2.0) -> dict:
     """Rescales the target-net generators so the scores of `images` spread from `low` to `high`.
 
     Perturbed heads saturate the target net's sigmoids (every image then gets the

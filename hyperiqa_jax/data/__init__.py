@@ -12,12 +12,8 @@ Labels and splits (`records.py`)::
 
   name: 'koniq10k', 'spaq', 'kadid10k', 'agiqa3k', 'livec', 'manifest' (CSV/JSON
   with path + score columns, optional ref/split columns) or 'demo' (root '' =
-  generate/reuse the cached demo set). split: 'all'; 'train' / 'val' / 'test'
-  (KonIQ: official koniq10k_distributions_sets.csv; manifest/demo: the split
-  column; else a seeded split_ratio split); 'official:PART'; 'random:train' /
-  'random:test' (HyperIQA's 10 x 80/20 = seeds 0..9; by reference image for
-  KADID/demo); 'json:PATH' (koniq_train.json-style image lists, PATH relative to
-  root). Bad label files raise LabelFileError naming file, row and column; a
+  generate/reuse the cached demo set). split: one of the forms in docs/data.md
+  ("Splits"). Bad label files raise LabelFileError naming file, row and column; a
   missing data set raises DatasetNotFoundError saying what to download and where.
   Both, like ImageDecodeError and TooManyBadImagesError, are hyperiqa_jax.errors.UserError:
   the commands print them as one `error:` line (exit status 2).
@@ -101,6 +97,7 @@ from hyperiqa_jax.data.image import (
     DEFAULT_MAX_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PROTOCOLS,
     ImageDecodeError,
     crop_positions,
     eval_crops,
@@ -134,6 +131,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDecodeError",
     "LabelFileError",
+    "PROTOCOLS",
     "Record",
     "TfdsSource",
     "TooManyBadImagesError",

@@ -10,6 +10,7 @@ loader's.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -21,6 +22,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hyperiqa_jax.errors import ConfigError, ImageDecodeError
 from hyperiqa_jax.paths import is_url, read_bytes
+
+# Where evaluation crops sit (`crop_positions`): seeded random corners, the centre, or a
+# fixed grid from corner to corner. Every flag and config check that takes a protocol
+# lists these.
+PROTOCOLS = ("random", "center", "grid")
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -36,10 +42,17 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 # 12000x9000 JPEG) is replaced by these two, done in `open_rgb`.
 MAX_JPEG_PIXELS = 1_000_000_000
 MAX_OTHER_PIXELS = 2 * 89_478_485
-Image.MAX_IMAGE_PIXELS = None
 
-# Never let a truncated file pass as a (partly grey) image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+@functools.cache
+def _configure_pillow():
+    """PIL's process-wide settings this module's decoding relies on, made on first decode.
+
+    PIL's pixel limit gives way to MAX_JPEG_PIXELS / MAX_OTHER_PIXELS, and a
+    truncated file never passes as a (partly grey) image.
+    """
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _open(source, name: str) -> Image.Image:
@@ -116,6 +129,7 @@ def open_rgb(source, *, name: str | None = None, min_size: tuple[int, int] | Non
     """
     name = name if name is not None else (
         "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+    _configure_pillow()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -264,7 +278,7 @@ def crop_positions(height: int, width: int, crop: int, num: int, protocol: str,
         xs = np.round(np.linspace(0, width - crop, cols)).astype(np.int64)
         grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
         return grid[:num]
-    raise ConfigError(f"unknown crop protocol {protocol!r}; use 'random', 'center' or 'grid'")
+    raise ConfigError(f"unknown crop protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
 
 
 def extract_crops(image: np.ndarray, positions: np.ndarray, crop: int,
@@ -295,20 +309,13 @@ def num_eval_crops(data_config, protocol: str | None = None, num_crops: int | No
     return int(num_crops or data_config.test_crops)
 
 
-def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: str | None = None,
-               num_crops: int | None = None, name: str | None = None) -> np.ndarray:
-    """The evaluation crops of one image: uint8 [N, crop, crop, 3].
+def eval_pixels(image, data_config, *, name: str | None = None) -> np.ndarray:
+    """uint8 [h, w, 3]: the image evaluation crops are cut from, after data.resize.
 
-    The one definition used by training-time evaluation, `evaluate` and
-    `predict`. image: a path, encoded bytes or a uint8 [H, W(, 3)] array,
-    resized per data.resize (JPEGs honour data.decode_draft); then
-    `num_eval_crops` crops by `protocol` (default data.eval_protocol).
-    'random' crops are seeded by (seed, index), `index` being the image's
-    position in its data set or list, so they do not depend on batching.
+    image: a path, encoded bytes or a uint8 [H, W(, 3)] array; JPEGs honour
+    data.decode_draft.
     """
     crop = int(data_config.crop_size)
-    protocol = protocol or data_config.eval_protocol
-    num = num_eval_crops(data_config, protocol, num_crops)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
@@ -316,10 +323,26 @@ def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: s
         h, w = target_size(pil.size[0], pil.size[1], data_config.resize, crop)
         if (h, w) != (pil.size[1], pil.size[0]):
             pil = pil.resize((w, h), Image.BILINEAR)
-        pixels = np.asarray(pil)
-    else:
-        pixels = load_resized(image, data_config.resize, crop, name=name,
-                              draft=bool(data_config.decode_draft))
+        return np.asarray(pil)
+    return load_resized(image, data_config.resize, crop, name=name,
+                        draft=bool(data_config.decode_draft))
+
+
+def eval_crops(image, data_config, *, index: int = 0, seed: int = 0, protocol: str | None = None,
+               num_crops: int | None = None, name: str | None = None) -> np.ndarray:
+    """The evaluation crops of one image: uint8 [N, crop, crop, 3].
+
+    The one definition used by training-time evaluation, `evaluate` and
+    `predict`. image: a path, encoded bytes or a uint8 [H, W(, 3)] array,
+    resized per data.resize (`eval_pixels`); then `num_eval_crops` crops by
+    `protocol` (default data.eval_protocol). 'random' crops are seeded by
+    (seed, index), `index` being the image's position in its data set or list,
+    so they do not depend on batching.
+    """
+    crop = int(data_config.crop_size)
+    protocol = protocol or data_config.eval_protocol
+    num = num_eval_crops(data_config, protocol, num_crops)
+    pixels = eval_pixels(image, data_config, name=name)
     rng = np.random.default_rng([seed, index])
     positions = crop_positions(pixels.shape[0], pixels.shape[1], crop, num, protocol, rng)
     return extract_crops(pixels, positions, crop)

@@ -32,6 +32,7 @@ import numpy as np
 from absl import flags
 
 from hyperiqa_jax.data.image import (
+    PROTOCOLS,
     ImageDecodeError,
     crop_positions,
     eval_crops,
@@ -171,18 +172,37 @@ class _TrainGroup:
         return {"image": crops[order], "score": np.concatenate(scores)[order]}
 
 
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a SLURM
+    task's --cpus-per-task, a container's or taskset's CPU set), else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_worker_processes() -> int:
-    """data.worker_processes=-1: decoding processes that fit this host.
+    """data.worker_processes=-1: decoding processes that fit this process's CPUs.
 
     On the CPU backend the model's own step needs the cores, so decoding stays
-    in threads (0). With a GPU or TPU, the host's cores go to decoding: one
-    process per core left after one per local device, at most 16.
+    in threads (0). With a GPU or TPU, the cores go to decoding: one process
+    per usable CPU (`usable_cpu_count`) left after one per local device, at
+    most 16.
     """
     import jax
 
     if jax.default_backend() == "cpu":
         return 0
-    return max(0, min(16, (os.cpu_count() or 1) - jax.local_device_count()))
+    return max(0, min(16, usable_cpu_count() - jax.local_device_count()))
+
+
+def mark_flags_parsed():
+    """Lets grain's worker processes start outside an absl program (the Python API, tests).
+
+    They read grain's absl flags, which only `app.run` parses; this leaves them at
+    their defaults. Called once where a training run starts.
+    """
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
@@ -225,9 +245,9 @@ def make_train_dataset(records, data_config, *, batch_size: int, seed: int,
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=threads * prefetch))
     if processes:
-        # grain's workers read its absl flags; outside an absl program nothing parsed them.
         if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+            raise RuntimeError("grain's worker processes read absl flags: call "
+                               "pipeline.mark_flags_parsed() where the program starts")
         # Each process decodes every `processes`-th group; the order, and with it the
         # checkpointed position, is the same as with threads alone.
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
@@ -281,8 +301,8 @@ def make_eval_batches(records, data_config, *, batch_size: int, seed: int = 0,
     images, TooManyBadImagesError.
     """
     protocol = protocol or data_config.eval_protocol
-    if protocol not in ("random", "center", "grid"):
-        raise ConfigError(f"unknown eval protocol {protocol!r}; use random, center or grid")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown eval protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     source = as_source(records)
     crop = int(data_config.crop_size)
     num = num_eval_crops(data_config, protocol, num_crops)

@@ -11,18 +11,9 @@ an image-name column and score columns) and are described by a `TableSpec` in
 Roots, label files and images may be local paths or URLs such as
 ``gs://bucket/koniq10k`` (paths.py reads them).
 
-Split syntax (`load_records(..., split=...)`):
-
-- ``"all"``: every image (zero-shot evaluation sets).
-- ``"train"`` / ``"test"`` / ``"val"``: the data set's default split. KonIQ-10k:
-  the official split from ``koniq10k_distributions_sets.csv``; manifest/demo: the
-  ``split`` column; the others: a seeded random ``split_ratio`` split.
-- ``"official:train"`` etc.: the official/column split explicitly.
-- ``"random:train"`` / ``"random:test"``: seeded ratio split (HyperIQA's 10 x 80/20
-  protocol = seeds 0..9). Data sets with reference images (KADID-10k, demo) are
-  split by reference so test content is unseen in training.
-- ``"json:PATH"``: the images named in a JSON list (``koniq_train.json`` style: a
-  list of names, or of objects with an image-name key). PATH is relative to root.
+The split syntax of `load_records(..., split=...)` ("all", "train", "official:test",
+"random:train", "json:PATH", ...) is described once, for users, in docs/data.md
+("Splits"); `select_records` implements it.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class LocalDistortionAware(nn.Module):
 
 
 class ChannelAttention(nn.Module):
-    """Squeeze-excitation over the fused channels (the seed's E6 design).
+    """Squeeze-excitation over the fused channels (the PyTorch original's E6 design).
 
     `gate_bias` is the initial bias of the `expand` layer, i.e. the gate's logit
     before the squeezed features move it: 0 (the default, as in PyTorch) starts

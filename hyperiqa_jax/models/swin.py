@@ -335,6 +335,15 @@ class PatchProjection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+def space_to_depth(x, size: int):
+    """[B, H, W, C] -> [B, H/size, W/size, size * size * C], each cell's pixels row-major."""
+    if size == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // size, size, w // size, size, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // size, w // size, size * size * c)
+
+
 def zero_mean_init(key, shape, dtype=jnp.float32):
     """LeCun-normal 3x3 filters with their spatial mean removed: high-pass at init."""
     kernel = nn.initializers.lecun_normal()(key, shape, dtype)
@@ -352,11 +361,18 @@ class PatchEmbed(nn.Module):
     patch projection; mean-pooled features then measure filter energy. timm's
     models use neither (stem_channels=0, patch_norm=True), so converted
     checkpoints are unaffected.
+
+    `stem_stride` s > 1 evaluates the filters at every s-th pixel only (s^2
+    times less stem work and memory; a sample of the energy measures it as well
+    as every pixel does). The pixels are then folded s x s into channels, so
+    that pixels and energies share one grid, and a patch projection of size
+    patch_size / s reads both.
     """
 
     embed_dim: int
     patch_size: int = 4
     stem_channels: int = 0
+    stem_stride: int = 1
     patch_norm: bool = True
     dtype: jnp.dtype = jnp.float32
     residual_dtype: jnp.dtype = jnp.float32
@@ -366,9 +382,13 @@ class PatchEmbed(nn.Module):
     def __call__(self, x):
         p = self.patch_size
         if self.stem_channels:
-            responses = nn.Conv(self.stem_channels, (3, 3), padding="SAME", dtype=self.dtype,
-                                kernel_init=zero_mean_init, name="stem")(x)
-            x = jnp.concatenate([x, jnp.square(responses)], axis=-1)
+            s = self.stem_stride
+            if p % s:
+                raise ValueError(f"stem_stride {s} must divide patch_size {p}")
+            responses = nn.Conv(self.stem_channels, (3, 3), strides=s, padding=1,
+                                dtype=self.dtype, kernel_init=zero_mean_init, name="stem")(x)
+            x = jnp.concatenate([space_to_depth(x, s), jnp.square(responses)], axis=-1)
+            p //= s
         x = PatchProjection(features=self.embed_dim, patch_size=p, dtype=self.dtype,
                             kernels=self.kernels, name="proj")(x)
         if self.patch_norm:
@@ -430,6 +450,7 @@ class SwinTransformer(nn.Module):
     window_size: int = 7
     patch_size: int = 4
     stem_channels: int = 0  # > 0: a local-energy stem of this many 3x3 filters (not in timm).
+    stem_stride: int = 1    # the stem's filters at every stem_stride-th pixel (PatchEmbed).
     patch_norm: bool = True  # LayerNorm after the patch embedding (timm: always).
     mlp_ratio: float = 4.0
     drop_path_rate: float = TIMM_DEFAULT_DROP_PATH_RATE
@@ -459,7 +480,8 @@ class SwinTransformer(nn.Module):
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
         x = PatchEmbed(embed_dim=self.embed_dim, patch_size=self.patch_size,
-                       stem_channels=self.stem_channels, patch_norm=self.patch_norm,
+                       stem_channels=self.stem_channels, stem_stride=self.stem_stride,
+                       patch_norm=self.patch_norm,
                        dtype=self.dtype, residual_dtype=self.residual_dtype, kernels=self.kernels,
                        name="patch_embed")(images.astype(self.dtype))
         features = []

@@ -209,6 +209,7 @@ def test_worker_processes_give_the_threads_stream_and_resume(manifest_dir):
     recs = load_records("manifest", manifest_dir, "all")
     threads = _take(iter(make_train_dataset(recs, data_config(), batch_size=4, seed=3)), 6)
     cfg = data_config(worker_processes=2)
+    pipeline.mark_flags_parsed()  # as a training run does where it starts
     it = iter(make_train_dataset(recs, cfg, batch_size=4, seed=3))
     first = _take(it, 3)
     state = it.get_state()

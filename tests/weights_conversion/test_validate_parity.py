@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hyperiqa_jax import cli
-from weights_conversion import hyperiqa_parity, validate_parity
+from weights_conversion import hyperiqa_parity, parity_limits, validate_parity
 
 
 def parity(argv):
@@ -21,7 +21,9 @@ def test_cli_passes_and_prints_json(capsys):
     code = parity(["--model", "swin_tiny_patch4_window7_224", "--batch", "1", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert all(d["max_abs"] < 1e-4 for d in out["results"].values())
+    assert set(out["results"]) == {"stage0", "stage1", "stage2", "stage3"}
+    for diff in out["results"].values():
+        assert diff["max_abs"] <= parity_limits.swin_stage_limit(diff["ref_max_abs"]), diff
 
 
 def test_cli_fails_above_tolerance(capsys):
@@ -30,6 +32,28 @@ def test_cli_fails_above_tolerance(capsys):
                    "--tolerance", "1e-12"])
     assert code == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_limits_scale_with_the_magnitude(capsys):
+    """Float32 rounding grows with the values: a score of 92 may differ 92 times as much as
+    a score of 1, and a Swin stage likewise."""
+    def score(max_abs, ref_max_abs):
+        return {"score": {"max_abs": max_abs, "max_rel": max_abs / ref_max_abs,
+                          "ref_max_abs": ref_max_abs}}
+
+    limit = parity_limits.score_limit(92.1)
+    assert limit == pytest.approx(92.1 * parity_limits.score_limit(0.5))
+    assert validate_parity.full_model_report(score(1.07e-4, 92.1))  # 14 float32 ulps at 92
+    assert validate_parity.full_model_report(score(0.99 * limit, 92.1))
+    assert not validate_parity.full_model_report(score(1.01 * limit, 92.1))
+    assert not validate_parity.full_model_report(score(1.01 * limit / 92.1, 0.5))
+    assert "above tolerance" in capsys.readouterr().out
+    # Swin mode: --tolerance is relative to each stage's magnitude.
+    relative = parity_limits.SWIN_STAGE_RELATIVE
+    stage = {"max_abs": 0.99 * relative * 44.1, "max_rel": 0.0, "ref_max_abs": 44.1}
+    assert validate_parity.report({"stage2": stage}, relative)
+    assert not validate_parity.report({"stage2": stage}, relative / 2)
+    assert "above tolerance" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -49,15 +73,18 @@ def test_cli_usage_errors(argv, fragment, capsys):
 
 
 def test_train_step_outside_tolerance_fails(capsys):
-    # `--config X --train_step` exits 1 when the step is outside these limits.
-    good = {"loss": 1e-7, "loss_value": 30.0, "grad_rel": 2e-5, "relu_near_zero": 0,
-            "outside_rel_1e-5_fraction": 0.0, "param_diff_in_lr": 0.3}
+    # `--config X --train_step` exits 1 when a figure is outside its limit.
+    figures = {"loss_value": 30.0, "grad_rel": 0.0, "grad_rel_kinked": 0.0,
+               "update_diff_in_lr": 0.0, "batch_stats_rel": 0.0}
+    limits = parity_limits.train_step_limits(figures)
+    assert set(limits) == set(figures) - {"loss_value"} | {"loss"}
+    good = {**figures, **{key: limit / 2 for key, limit in limits.items()}}
     assert validate_parity.train_step_report(good)
-    assert not validate_parity.train_step_report(dict(good, grad_rel=1e-3))
-    # A ReLU input near 0 (ResNet-50) allows a few % of gradient difference.
-    assert validate_parity.train_step_report(dict(good, grad_rel=1e-3, relu_near_zero=4))
-    assert not validate_parity.train_step_report(dict(good, param_diff_in_lr=2.5))
+    for key, limit in limits.items():
+        assert not validate_parity.train_step_report(dict(good, **{key: 2 * limit})), key
     assert "above limit" in capsys.readouterr().out
+    # A step with a ReLU input near 0 (always so for ResNet-50) allows more.
+    assert limits["grad_rel_kinked"] > 2 * limits["grad_rel"]
 
 
 CI_TINY = """
@@ -119,8 +146,8 @@ def test_train_step_outside_its_limits_exits_1(recorded_run, tiny_config_file, m
     _, _, returned = recorded_run
     replay(monkeypatch, returned)
     assert parity(["--config", tiny_config_file, "--train_step"]) == 0  # the replay passes
-    compared = list(hyperiqa_parity.train_step_limits(returned["train_step"]))
-    assert {"loss", "grad_rel", "param_diff_in_lr"} <= set(compared), compared
+    compared = list(parity_limits.train_step_limits(returned["train_step"]))
+    assert {"loss", "grad_rel", "update_diff_in_lr"} <= set(compared), compared
     for key in compared:
         # The same forward pass, one train-step figure far above any limit: the run fails.
         capsys.readouterr()
@@ -137,7 +164,8 @@ def test_forward_outside_its_limit_exits_1_with_a_good_train_step(
         recorded_run, tiny_config_file, monkeypatch, capsys):
     _, _, returned = recorded_run
     returned = copy.deepcopy(returned)
-    returned["forward"]["score"]["max_abs"] = 2 * validate_parity.SCORE_TOLERANCE
+    score = returned["forward"]["score"]
+    score["max_abs"] = 2 * parity_limits.score_limit(score["ref_max_abs"])
     replay(monkeypatch, returned)
     assert parity(["--config", tiny_config_file, "--train_step", "--json"]) == 1
     output = json.loads(capsys.readouterr().out)
