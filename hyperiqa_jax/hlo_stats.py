@@ -412,9 +412,20 @@ def _async_copy_bytes(instruction: Instruction, shapes: dict[str, list[Array]]) 
     return 2 * destination.bytes if destination else 0
 
 
+def _op_name(instruction: Instruction, producers: dict[str, Instruction]) -> str:
+    """The instruction's op_name or, for one XLA added (a copy between memory spaces, a
+    layout change), that of the value it moves."""
+    for _ in range(16):
+        if instruction.op_name or not instruction.operands:
+            return instruction.op_name
+        instruction = producers.get(instruction.operands[0], instruction)
+    return instruction.op_name
+
+
 def costs(module: Module) -> list[Cost]:
     """The cost of every top-level instruction that moves data or computes."""
     shapes = {i.name: i.shape for comp in module.computations.values() for i in comp}
+    producers = {i.name: i for i in module.top_level()}
     result = []
     for instruction in module.top_level():
         if not _moves_data(instruction):
@@ -435,7 +446,7 @@ def costs(module: Module) -> list[Cost]:
         else:
             detail = ",".join(f"{a.dtype}{list(a.dims)}" for a in instruction.shape[:2])
         result.append(Cost(instruction.name, instruction.opcode, moved, flops,
-                           origin(instruction.op_name), detail))
+                           origin(_op_name(instruction, producers)), detail))
     return result
 
 

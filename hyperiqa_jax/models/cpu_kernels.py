@@ -10,7 +10,8 @@ pure memory traffic where XLA would fold the transpose into the cuBLAS call.
 
 `kernels` selects them:
 - "auto" (default): `jax.lax.platform_dependent` picks when the function is
-  lowered: these kernels for "cpu", the plain ones for every other platform.
+  lowered: these kernels for "cpu", the plain ones for every other platform
+  (and, for "tpu", window attention's Pallas kernels, models/tpu_kernels.py).
   A function lowered for cuda or tpu contains none of this module's code.
 - "cpu": these kernels on every platform (for tests of this path).
 - "generic": the plain implementations on every platform, the CPU included.
@@ -36,14 +37,16 @@ import jax.numpy as jnp
 KERNELS = ("auto", "cpu", "generic")
 
 
-def choose(kernels: str, cpu_fn, generic_fn, *args):
-    """cpu_fn(*args) or generic_fn(*args), by `kernels` (see the module docstring)."""
+def choose(kernels: str, cpu_fn, generic_fn, *args, tpu_fn=None):
+    """cpu_fn(*args) or generic_fn(*args), by `kernels` (see the module docstring); with
+    "auto", tpu_fn(*args) on a TPU where given (models/tpu_kernels.py)."""
     if kernels == "generic":
         return generic_fn(*args)
     if kernels == "cpu":
         return cpu_fn(*args)
     if kernels == "auto":
-        return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=generic_fn)
+        tpu = {} if tpu_fn is None else {"tpu": tpu_fn}
+        return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=generic_fn, **tpu)
     raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 

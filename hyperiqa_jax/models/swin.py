@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperiqa_jax.models import cpu_kernels
+from hyperiqa_jax.models import cpu_kernels, tpu_kernels
 
 # timm name -> architecture. Window-12 models are the 384-pixel variants.
 SWIN_CONFIGS = {
@@ -161,10 +161,15 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = cpu_kernels.choose(self.kernels, cpu_kernels.cpu_matmul, jnp.matmul,
-                               rows, kernel.astype(self.dtype))
-        y = y.reshape(x.shape[:-1] + (self.features,))
+
+        def rows(x, kernel):  # XLA:CPU's product takes [M, K]
+            y = cpu_kernels.cpu_matmul(x.reshape(-1, x.shape[-1]), kernel)
+            return y.reshape(x.shape[:-1] + (self.features,))
+
+        # Elsewhere the leading axes stay as they are: flattening [B, nW, N, C] windows
+        # to rows is a copy in a TPU's tiled layouts (N = 49 is padded to 56 rows).
+        y = cpu_kernels.choose(self.kernels, rows, jnp.matmul, x.astype(self.dtype),
+                               kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
             y = y + bias.astype(self.dtype)
@@ -205,15 +210,26 @@ class WindowAttention(nn.Module):
             ((2 * wh - 1) * (2 * ww - 1), self.num_heads))
         bias = table[relative_position_index(self.window).reshape(-1)]
         bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [heads, N, N]
-        if mask is not None:
-            bias = bias[None] + mask[:, None]  # [nW, heads, N, N]
 
         qkv = Dense(3 * self.dim, dtype=self.dtype, kernels=self.kernels, name="qkv")(windows)
-        attention = functools.partial(window_attention, num_heads=self.num_heads)
-        cpu_attention = functools.partial(cpu_kernels.cpu_window_attention,
-                                          num_heads=self.num_heads)
-        out = cpu_kernels.choose(self.kernels, cpu_attention, attention, qkv, bias)
+
+        def masked(attention):  # [nW, heads, N, N] in shifted blocks
+            return lambda qkv, bias, mask: attention(
+                qkv, bias if mask is None else bias[None] + mask[:, None],
+                num_heads=self.num_heads)
+
+        tpu = None
+        if tpu_kernels.supported(self.dim, self.num_heads):
+            tpu = functools.partial(tpu_kernels.window_attention, num_heads=self.num_heads)
+        out = cpu_kernels.choose(self.kernels, masked(cpu_kernels.cpu_window_attention),
+                                 masked(window_attention), qkv, bias, mask, tpu_fn=tpu)
         return Dense(self.dim, dtype=self.dtype, kernels=self.kernels, name="proj")(out)
+
+
+def gelu(x):
+    """Exact GELU as PyTorch computes it, 0.5 x (1 + erf(x / sqrt 2)): XLA's erf is far
+    cheaper than the erfc that jax.nn.gelu uses."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
 
 
 class Mlp(nn.Module):
@@ -225,9 +241,10 @@ class Mlp(nn.Module):
     def __call__(self, x):
         out_dim = x.shape[-1]
         x = Dense(self.hidden_dim, dtype=self.dtype, kernels=self.kernels, name="fc1")(x)
-        # Exact GELU as PyTorch computes it, 0.5 x (1 + erf(x / sqrt 2)): XLA's
-        # erf is far cheaper than the erfc that jax.nn.gelu uses.
-        x = 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2 ** -0.5)).astype(x.dtype))
+        # On an accelerator the backward pass recomputes the GELU from its input rather
+        # than reading a saved copy of its output, which is as large (4C per token) and
+        # the step's bandwidth is what limits it; XLA:CPU keeps both.
+        x = cpu_kernels.choose(self.kernels, gelu, jax.checkpoint(gelu), x)
         return Dense(out_dim, dtype=self.dtype, kernels=self.kernels, name="fc2")(x)
 
 
