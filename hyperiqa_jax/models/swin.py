@@ -474,9 +474,6 @@ class SwinTransformer(nn.Module):
     def __call__(self, images, train: bool = False) -> tuple[jax.Array, ...]:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
-        if self.kernels not in cpu_kernels.KERNELS:
-            raise ValueError(f"kernels must be one of {cpu_kernels.KERNELS}, "
-                             f"got {self.kernels!r}")
         if self.remat not in REMAT:
             raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
         x = PatchEmbed(embed_dim=self.embed_dim, patch_size=self.patch_size,
