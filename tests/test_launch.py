@@ -136,9 +136,12 @@ def test_ctrl_c_during_the_wait_deletes_the_request(fakes):
                                    TPU_POD_POLL_S=0.2)
     proc = subprocess.Popen(["bash", str(LAUNCH / "tpu_pod.sh"), "-n", "iqa", "-z", "z1", "-t",
                              "v5p-8", "-q", *GS_ARGS], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     wait_for(lambda: "queued-resources describe" in gcloud_verbs(fakes.state), 30, "the wait")
-    proc.send_signal(signal.SIGINT)
+    # Ctrl-C signals the terminal's whole foreground process group: the script and the
+    # command it is waiting on (bash acts on a SIGINT only once that command ends).
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert gcloud_verbs(fakes.state)[-1] == "queued-resources delete"
