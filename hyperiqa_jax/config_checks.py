@@ -23,10 +23,16 @@ def load_config_file(path):
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such config file (the project's configs are "
                           "configs/*.py)")
-    spec = importlib.util.spec_from_file_location("command_config", path)
+    return load_python_file(path, "command_config").get_config()
+
+
+def load_python_file(path, name):
+    """The module a Python file defines, run from its path (configs and studies are files,
+    not an importable package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
 
 
 def check_config(config):

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from hyperiqa_jax import evaluate
+from hyperiqa_jax import config_checks, evaluate
 from hyperiqa_jax import study_report as sr
 from hyperiqa_jax.errors import ConfigError, UserError
 from hyperiqa_jax.paths import as_epath, is_url
@@ -141,11 +141,7 @@ def load_study(spec):
     if not os.path.isfile(path):
         raise ConfigError(f"--study {spec}: no such study file (the project's studies are "
                           "configs/studies/*.py; paths are relative to the current folder)")
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location("study_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = config_checks.load_python_file(path, "study_file")
     if not hasattr(module, "get_study"):
         raise ConfigError(f"--study {path}: it defines no get_study() (see "
                           "configs/studies/demo.py)")

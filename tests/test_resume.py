@@ -25,17 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 FUSED = 8 + 16 + 32 + 64
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """A cut-down demo data set: one train and one test reference of 56 px (= the crop)."""
-    from hyperiqa_jax.data import demo
-
-    root = tmp_path_factory.mktemp("demo")
-    demo.generate_demo_dataset(str(root), size=56,
-                               sources={"astronaut": (1, "train"), "camera": (1, "test")})
-    return str(root)
-
-
 def _config(root, **model_overrides):
     c = train_utils.tiny_config(root=root)
     c.model.update(model_overrides)

@@ -21,17 +21,6 @@ from tests import train_utils
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """A cut-down demo data set: one train and one test reference of 56 px (= the crop)."""
-    from hyperiqa_jax.data import demo
-
-    root = tmp_path_factory.mktemp("demo")
-    demo.generate_demo_dataset(str(root), size=56,
-                               sources={"astronaut": (1, "train"), "camera": (1, "test")})
-    return str(root)
-
-
 def _config(root, **train_overrides):
     c = train_utils.tiny_config(root=root)
     c.train.update(train_overrides)

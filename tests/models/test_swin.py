@@ -204,6 +204,16 @@ def test_layer_norm_and_gelu_match_pytorch():
                                expected_gelu @ np.asarray(params["fc2"]["kernel"]), atol=1e-4)
 
 
+def _torch_conv(t, p, stride, padding):
+    """torch's conv2d with a flax conv's parameters (HWIO kernel -> OIHW; copied, so torch
+    gets writable arrays)."""
+    import torch
+
+    w = torch.from_numpy(np.array(p["kernel"]).transpose(3, 2, 0, 1))
+    b = torch.from_numpy(np.array(p["bias"]))
+    return torch.nn.functional.conv2d(t, w, b, stride=stride, padding=padding)
+
+
 def test_energy_stem_and_no_patch_norm_match_pytorch():
     import torch
 
@@ -213,14 +223,9 @@ def test_energy_stem_and_no_patch_norm_match_pytorch():
     assert set(params) == {"stem", "proj"}  # no LayerNorm
     got = embed.apply({"params": params}, jnp.asarray(x))
 
-    def conv(t, p, stride, padding):  # flax HWIO kernel -> torch OIHW
-        w = torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1))
-        b = torch.from_numpy(np.asarray(p["bias"]))
-        return torch.nn.functional.conv2d(t, w, b, stride=stride, padding=padding)
-
     t = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    t = torch.cat([t, conv(t, params["stem"], 1, 1) ** 2], dim=1)  # pixels + filter energy
-    expected = conv(t, params["proj"], 4, 0).numpy().transpose(0, 2, 3, 1)
+    t = torch.cat([t, _torch_conv(t, params["stem"], 1, 1) ** 2], dim=1)  # pixels + filter energy
+    expected = _torch_conv(t, params["proj"], 4, 0).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5)  # measured <= 1.2e-6
     # Its filters start zero-mean (high-pass): a flat image gives no filter energy
     # (away from the border, where the zero padding is an edge).
@@ -248,16 +253,11 @@ def test_strided_energy_stem_matches_pytorch():
     assert params["proj"]["kernel"].shape == (2, 2, 4 * 3 + 6, 8)
     got = embed.apply({"params": params}, jnp.asarray(x))
 
-    def conv(t, p, stride, padding):  # flax HWIO kernel -> torch OIHW
-        w = torch.from_numpy(np.array(p["kernel"]).transpose(3, 2, 0, 1))
-        b = torch.from_numpy(np.array(p["bias"]))
-        return torch.nn.functional.conv2d(t, w, b, stride=stride, padding=padding)
-
     t = torch.from_numpy(x.transpose(0, 3, 1, 2))
     # Each 2 x 2 cell's pixels as channels in (row, column, colour) order.
     cells = t.reshape(2, 3, 8, 2, 8, 2).permute(0, 3, 5, 1, 2, 4).reshape(2, 12, 8, 8)
-    t = torch.cat([cells, conv(t, params["stem"], 2, 1) ** 2], dim=1)
-    expected = conv(t, params["proj"], 2, 0).numpy().transpose(0, 2, 3, 1)
+    t = torch.cat([cells, _torch_conv(t, params["stem"], 2, 1) ** 2], dim=1)
+    expected = _torch_conv(t, params["proj"], 2, 0).numpy().transpose(0, 2, 3, 1)
     diff = difference(got, expected)
     assert diff["max_abs"] <= intermediate_limit(diff["ref_max_abs"]), diff
     with pytest.raises(ValueError, match="stem_stride 3 must divide patch_size 4"):
